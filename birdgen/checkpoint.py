@@ -1,0 +1,198 @@
+"""Model folders: safetensors weights + a JSON config that rebuilds network and schedule +
+a model card. Local folders or Hugging Face Hub repos; nothing is ever unpickled.
+
+    models/NAME/
+        model.safetensors   EMA weights (float16 or float32; always loaded as float32)
+        config.json         {"format": "birdgen-model", "network": {...}, "diffusion": {...}}
+        README.md           the model card
+        metrics.json        KID/FID from `birdgen eval`, when it has run
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .diffusion import DiffusionConfig, NoiseSchedule
+from .networks import UNet, UNetConfig, parameter_count
+from .samplers import Denoiser
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
+METRICS_FILE = "metrics.json"
+FORMAT = "birdgen-model"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelError(ValueError):
+    """A model folder, config or Hub id that cannot be used; the message names it."""
+
+
+@dataclass
+class BirdModel:
+    """A network ready for sampling, with the schedule and prediction target it was trained for."""
+
+    network: UNet
+    network_config: UNetConfig
+    diffusion_config: DiffusionConfig
+    path: Path | None = None
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return NoiseSchedule(self.diffusion_config)
+
+    @property
+    def parameter_count(self) -> int:
+        return parameter_count(self.network)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path else "untrained"
+
+    def denoiser(self) -> Denoiser:
+        cuda = self.device.type == "cuda"
+        autocast = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+        return Denoiser(self.network, self.schedule, autocast_dtype=autocast, channels_last=True)
+
+    def metrics(self) -> dict | None:
+        if self.path is None or not (self.path / METRICS_FILE).is_file():
+            return None
+        return json.loads((self.path / METRICS_FILE).read_text())
+
+
+def build_model(network_config: UNetConfig, diffusion_config: DiffusionConfig, device="cpu") -> BirdModel:
+    network = UNet(network_config).to(device).to(memory_format=torch.channels_last).eval()
+    return BirdModel(network, network_config, diffusion_config)
+
+
+def config_dict(network_config: UNetConfig, diffusion_config: DiffusionConfig, **extra) -> dict:
+    return {"format": FORMAT, "format_version": 1, "network": network_config.to_dict(),
+            "diffusion": diffusion_config.to_dict(), **extra}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_config: UNetConfig,
+               diffusion_config: DiffusionConfig, half: bool = False, card: str | None = None) -> Path:
+    """Writes weights and config (each atomically) and the model card, if given."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float16 if half else torch.float32
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in network.state_dict().items()}
+    temporary = folder / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
+    save_file(tensors, str(temporary), metadata={"format": FORMAT})
+    os.replace(temporary, folder / WEIGHTS_FILE)
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(
+        config_dict(network_config, diffusion_config, weights_dtype=str(dtype).removeprefix("torch.")), indent=2) + "\n")
+    if card is not None:
+        atomic_write_text(folder / CARD_FILE, card)
+    return folder
+
+
+def read_config(folder: Path) -> tuple[UNetConfig, DiffusionConfig]:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise ModelError(f"{path}: missing model config (is {folder} a birdgen model folder?)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ModelError(f"{path}: not a birdgen model config (format is {raw.get('format') if isinstance(raw, dict) else None!r})")
+    try:
+        network = UNetConfig.from_dict(raw["network"])
+        diffusion = DiffusionConfig(**raw["diffusion"])
+    except KeyError as error:
+        raise ModelError(f"{path}: missing section {error}") from None
+    except (TypeError, ValueError) as error:
+        raise ModelError(f"{path}: {error}") from None
+    return network, diffusion
+
+
+def load_weights(path: Path, network: torch.nn.Module) -> None:
+    """Loads safetensors weights into `network` as float32, explaining any mismatch in one line."""
+    if not path.is_file():
+        raise ModelError(f"{path}: missing weights file")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ModelError(f"{path}: unreadable or truncated weights ({error})") from None
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ModelError(f"{path}: weights do not match the config: {len(missing)} missing"
+                         f" (e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})")
+    for key, value in tensors.items():
+        if value.shape != expected[key].shape:
+            raise ModelError(f"{path}: weights do not match the config: {key} has shape {tuple(value.shape)},"
+                             f" the config needs {tuple(expected[key].shape)}")
+        if not torch.isfinite(value).all():
+            raise ModelError(f"{path}: tensor {key} holds NaN or infinite values")
+    network.load_state_dict({k: v.float() for k, v in tensors.items()})
+
+
+def resolve(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local model folder, or the cached snapshot of a Hub repo (downloaded if online)."""
+    local = Path(path_or_hub_id)
+    if local.exists():
+        if not local.is_dir():
+            raise ModelError(f"{local}: not a model folder")
+        return local
+    text = str(path_or_hub_id)
+    if not HUB_ID.match(text):
+        raise ModelError(f"{text}: no such model folder (and not a Hub id of the form owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=text, allow_patterns=[WEIGHTS_FILE, CONFIG_FILE, CARD_FILE,
+                                                                     METRICS_FILE, "*.png"]))
+    except LocalEntryNotFoundError:
+        raise ModelError(f"{text}: not in the Hugging Face cache and the Hub cannot be reached (offline?);"
+                         f" download it on a connected machine or give a local folder") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"{text}: no such model repo on the Hugging Face Hub") from None
+    except (HfHubHTTPError, OSError) as error:
+        raise ModelError(f"{text}: could not fetch from the Hugging Face Hub ({str(error).splitlines()[0]})") from None
+
+
+def load_model(path_or_hub_id: str | os.PathLike, device: str | torch.device = "cpu") -> BirdModel:
+    folder = resolve(path_or_hub_id)
+    network_config, diffusion_config = read_config(folder)
+    model = build_model(network_config, diffusion_config, "cpu")
+    load_weights(folder / WEIGHTS_FILE, model.network)
+    model.network.to(device)
+    model.path = folder
+    return model
+
+
+def push_model(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Uploads a model folder to the Hub (creating the repo if needed); returns its URL."""
+    folder = Path(folder)
+    read_config(folder)
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise ModelError(f"{folder / WEIGHTS_FILE}: missing weights file")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                             allow_patterns=[WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, METRICS_FILE, "*.png"])
+    return str(getattr(info, "repo_url", repo_id))

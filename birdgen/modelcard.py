@@ -1,0 +1,134 @@
+"""`birdgen export`: a run's EMA weights as a model folder, with an honest model card."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CARD_FILE, METRICS_FILE, atomic_write_text, load_model
+from .data import load_crops
+from .diffusion import HELDOUT_TIMESTEPS, heldout_loss
+from .samplers import DDIMSampler, initial_noise, run_to_end
+from .training_loop import Checkpoints, TrainConfig, export_run
+from .utils import save_grid
+
+GRID_SEED = 0
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.2), dpi=100)
+    axis.plot([r["images_seen"] for r in records], [r["loss"] for r in records], linewidth=0.8)
+    axis.set_xlabel("training images seen")
+    axis.set_ylabel("training loss")
+    axis.set_yscale("log")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def export_with_card(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = True,
+                     heldout_batches: int = 4) -> Path:
+    run_dir, out = Path(run_dir), Path(out)
+    latest = Checkpoints(run_dir, 1).latest()
+    export_run(run_dir, out, half=half)
+    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)
+    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    model = load_model(out)
+
+    noise, generator = initial_noise(64, config.image_size, GRID_SEED)
+    images = run_to_end(DDIMSampler(model.schedule, min(50, model.schedule.num_steps)), model.denoiser(), noise, generator)
+    save_grid(images, out / "samples.png", columns=8)
+    records = read_metrics(run_dir)
+    if records:
+        plot_loss(records, out / "loss.png")
+
+    heldout_text = "No held-out crops: this model was trained on every image (train_on = all)."
+    if config.train_on == "train":
+        crops = load_crops(config.data, config.image_size, config.crop, config.padding, progress=False)
+        held = crops.split_indices(config.split, "test", config.seed, config.test_fraction)[: 64 * heldout_batches]
+        losses = heldout_loss(model.network, model.schedule, crops.tensor(held))
+        heldout_text = (f"Noise-prediction MSE on {len(held)} held-out crops ({config.split} split, never trained on),"
+                        " fixed noise, seed 0:\n\n| timestep | " + " | ".join(str(t) for t in HELDOUT_TIMESTEPS)
+                        + " | mean |\n|---|" + "---|" * (len(HELDOUT_TIMESTEPS) + 1) + "\n| MSE | "
+                        + " | ".join(f"{losses[t]:.4f}" for t in HELDOUT_TIMESTEPS)
+                        + f" | {sum(losses.values()) / len(losses):.4f} |")
+
+    metrics_path = out / METRICS_FILE
+    if metrics_path.is_file():
+        m = json.loads(metrics_path.read_text())
+        metrics_text = (f"KID {m['kid_mean']:.4f} ± {m['kid_std']:.4f}, FID {m['fid']:.2f} ({m['num_generated']} generated"
+                        f" vs {m['num_real']} real {m['split']} crops, {m['sampler']} {m['steps']} steps).")
+    else:
+        metrics_text = ("Not measured: the InceptionV3 weights were not available where this model was exported."
+                        " Run `birdgen eval --model THIS_FOLDER --data CUB_200_2011` to add them.")
+
+    final_loss = sum(r["loss"] for r in records[-10:]) / len(records[-10:]) if records else float("nan")
+    hours = state["train_seconds"] / 3600
+    card = f"""# {out.name}
+
+A birdgen diffusion model that generates {config.image_size}×{config.image_size} birds, trained on
+CUB-200-2011 crops ({config.crop} crops around the bounding box, {config.padding:.0%} margin).
+
+| | |
+|---|---|
+| network | preset `{config.preset}`{'' if config.attention is None else f', attention {"on" if config.attention else "off"}'}, {model.parameter_count:,} parameters, self-attention at {', '.join(f'{r}×{r}' for r in model.network_config.attention_resolutions) or 'no resolution'} |
+| diffusion | {config.schedule} schedule, {config.noise_steps} steps, {config.prediction} prediction{f', min-SNR-{config.min_snr_gamma:g} weighting' if config.min_snr_gamma else ''} |
+| data | {run.get('train_images', '?')} training crops from `{Path(config.data).name}` ({config.split} split, part `{config.train_on}`{f', {config.test_fraction:.0%} held out' if config.split == 'random' else ''}) |
+| training | {state['step']:,} steps of batch {config.batch_size} = {state['images_seen']:,} images seen, AdamW lr {config.lr:g}, EMA {config.ema_decay} |
+| wall time | {hours:.2f} h of training steps on {run.get('machine', 'unknown hardware')} |
+| final training loss | {final_loss:.4f} (mean of the last {min(10, len(records))} logged intervals) |
+| weights | EMA, {'float16 (loaded as float32)' if half else 'float32'} |
+
+Training command (settings in `config.json` of the run):
+
+```
+birdgen train --out {run_dir} {command_flags(config)}
+```
+
+## Held-out denoising loss
+{heldout_text}
+
+## KID / FID
+{metrics_text}
+
+## Samples
+DDIM, 50 steps, seed {GRID_SEED}:
+
+![samples](samples.png)
+
+## Training loss
+![loss](loss.png)
+"""
+    atomic_write_text(out / CARD_FILE, card)
+    return out
+
+
+def command_flags(config: TrainConfig) -> str:
+    """The `birdgen train` flags that reproduce config's non-default settings."""
+    defaults, flags = TrainConfig(), []
+    for key, value in config.__dict__.items():
+        if getattr(defaults, key) == value or key == "progress":
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags.append(f"{flag} {value}")
+    return " ".join(flags)

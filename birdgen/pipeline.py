@@ -1,0 +1,69 @@
+"""Generation as the CLI and the app both use it: a model, a sampler, a seed -> birds."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import BirdModel
+from .samplers import Sampler, SamplerStep, initial_noise, make_sampler
+
+MAX_IMAGES = 256
+
+
+@dataclass
+class GenerationRequest:
+    sampler: str = "ddim"  # "ddpm", "ddim" or "dpmpp"
+    steps: int | None = None  # network evaluations; None = the sampler's default
+    num_images: int = 16  # 1 … MAX_IMAGES
+    seed: int = 0
+    eta: float = 0.0  # DDIM only, [0, 1]
+
+    def validate(self) -> None:
+        if not 1 <= self.num_images <= MAX_IMAGES:
+            raise ValueError(f"number of images {self.num_images} out of range [1, {MAX_IMAGES}]")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed {self.seed} out of range [0, 2^63)")
+
+
+def make_request_sampler(model: BirdModel, request: GenerationRequest) -> Sampler:
+    request.validate()
+    return make_sampler(request.sampler, model.schedule, request.steps, eta=request.eta)
+
+
+def generation_steps(model: BirdModel, request: GenerationRequest,
+                     noise: torch.Tensor | None = None) -> Iterator[SamplerStep]:
+    """Yields every sampler step for this request. `noise` overrides the seeded x_T (the
+    Compare page passes the same noise to two models)."""
+    sampler = make_request_sampler(model, request)
+    seeded, generator = initial_noise(request.num_images, model.network_config.image_size, request.seed,
+                                      model.device, model.network_config.in_channels)
+    x_t = seeded if noise is None else noise.to(model.device)
+    yield from sampler.steps(model.denoiser(), x_t, generator)
+
+
+@dataclass
+class Generation:
+    images: torch.Tensor  # float NCHW in model range [-1, 1]
+    seconds: float
+    steps: int
+
+
+def generate(model: BirdModel, request: GenerationRequest, noise: torch.Tensor | None = None,
+             on_step=None) -> Generation:
+    """Runs all steps. `on_step(step)` may return True to cancel, which raises `Cancelled`."""
+    started = time.perf_counter()
+    last = None
+    for last in generation_steps(model, request, noise):
+        if on_step is not None and on_step(last):
+            raise Cancelled(f"cancelled after {last.index + 1} of {last.num_steps} steps")
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return Generation(last.x, time.perf_counter() - started, last.num_steps)
+
+
+class Cancelled(Exception):
+    pass

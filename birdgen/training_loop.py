@@ -1,0 +1,565 @@
+"""`birdgen train`: the training loop, its config, checkpoints and exact resume.
+
+A run folder holds::
+
+    config.json          the resolved TrainConfig
+    metrics.jsonl        one JSON line per logging interval
+    checkpoints/step-NNNNNNN/   model.safetensors, ema.safetensors, state.pt (optimizer, RNGs, …)
+    samples/step-NNNNNNN.png    DDIM previews from a fixed seed with the EMA weights
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write_text, config_dict, save_model
+from .data import CubCrops, load_crops, random_flip, to_model_range
+from .diffusion import DiffusionConfig, DiffusionLoss, NoiseSchedule
+from .networks import UNet, UNetConfig, parameter_count, preset
+from .samplers import DDIMSampler, Denoiser, initial_noise, run_to_end
+from .utils import machine_description, save_grid
+
+# Settings that may change when a run is resumed; any other difference means another run.
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_threads",
+                     "log", "progress", "compile"}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or go on; the message says why in one line."""
+
+
+@dataclass
+class TrainConfig:
+    # Data
+    data: str = ""  # CUB_200_2011 root
+    image_size: int = 64
+    crop: str = "square"  # "square" or "bbox"
+    padding: float = 0.1
+    split: str = "official"  # "official" or "random" (seeded, test_fraction held out)
+    train_on: str = "train"  # "train" part of the split, or "all" images
+    test_fraction: float = 0.2
+    # Network
+    preset: str = "small"
+    attention: bool | None = None  # None keeps the preset's; False removes it; True adds it at 8x8
+    dropout: float | None = None  # None keeps the preset's
+    # Diffusion (the report's Table 1: 1000 steps, cosine schedule with s = 0.008)
+    schedule: str = "cosine"
+    noise_steps: int = 1000
+    prediction: str = "epsilon"  # "epsilon" or "v"
+    min_snr_gamma: float | None = None  # e.g. 5.0 for min-SNR weighting
+    # Optimisation (the report's Table 1: batch 32, learning rate 3e-4)
+    batch_size: int = 32  # global batch, split over all processes
+    lr: float = 3e-4
+    lr_schedule: str = "constant"  # "constant" or "cosine" (to 0 at `steps`), after warm-up
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # reached after a warm-up: min(ema_decay, (1 + step) / (10 + step))
+    steps: int = 10_000  # optimizer steps in total
+    seed: int = 0
+    # Machine
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
+    channels_last: bool = True
+    compile: bool = False
+    num_threads: int = 0  # CPU threads; 0 = all cores
+    # Output
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    sample_every: int = 1000
+    sample_count: int = 16
+    sample_steps: int = 50  # DDIM steps for previews
+    log_every: int = 20
+    log: str = "none"  # "none", "tensorboard" or "wandb"
+    progress: bool = True
+    max_nonfinite: int = 20  # consecutive skipped steps before training gives up
+
+    def validate(self) -> None:
+        positive = ("batch_size", "steps", "checkpoint_every", "keep_checkpoints", "sample_every",
+                    "sample_count", "sample_steps", "log_every", "max_nonfinite", "noise_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise TrainingError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if not self.lr > 0:
+            raise TrainingError(f"learning rate must be positive (got {self.lr})")
+        for name in ("weight_decay", "warmup_steps", "grad_clip", "num_threads"):
+            if getattr(self, name) < 0:
+                raise TrainingError(f"{name} must not be negative (got {getattr(self, name)})")
+        if not 0 <= self.ema_decay < 1:
+            raise TrainingError(f"ema_decay {self.ema_decay} out of range [0, 1)")
+        choices = {"lr_schedule": ("constant", "cosine"), "precision": ("auto", "fp32", "bf16", "fp16"),
+                   "log": ("none", "tensorboard", "wandb"), "train_on": ("train", "all"),
+                   "split": ("official", "random"), "crop": ("square", "bbox")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise TrainingError(f"{name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        if self.sample_steps > self.noise_steps:
+            raise TrainingError(f"sample_steps {self.sample_steps} exceeds noise_steps {self.noise_steps}")
+        try:
+            self.network_config()
+            self.diffusion_config()
+        except ValueError as error:
+            raise TrainingError(str(error)) from None
+
+    def network_config(self) -> UNetConfig:
+        overrides = {"image_size": self.image_size}
+        if self.attention is not None:
+            base = preset(self.preset)
+            overrides["attention_resolutions"] = (base.attention_resolutions or (8,)) if self.attention else ()
+        if self.dropout is not None:
+            overrides["dropout"] = self.dropout
+        return preset(self.preset, **overrides)
+
+    def diffusion_config(self) -> DiffusionConfig:
+        return DiffusionConfig(schedule=self.schedule, num_steps=self.noise_steps, prediction=self.prediction)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TrainingError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "TrainConfig":
+        """Reads a YAML or JSON file of TrainConfig fields."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise TrainingError(f"{path}: cannot read config ({error.strerror})") from None
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                values = yaml.safe_load(text) or {}
+            else:
+                values = json.loads(text)
+        except Exception as error:  # noqa: BLE001 - any parse error becomes one line naming the file
+            raise TrainingError(f"{path}: cannot parse config ({str(error).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise TrainingError(f"{path}: config must be a mapping of settings")
+        return cls.from_dict(values, str(path))
+
+
+class EMA:
+    """Exponential moving average of the parameters (buffers are copied, never averaged)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        ema_params = list(self.model.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - self.decay_at(step))
+        for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+
+
+class BatchStream:
+    """Endless shuffled batches of dataset indices; its state is (epoch, position), so a
+    resumed run continues the exact same order. Each epoch's order is seeded by (seed, epoch)."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.epoch, self.position = epoch, position
+        self.order = self._order(epoch)
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def next(self) -> torch.Tensor:
+        taken = []
+        needed = self.batch_size
+        while needed:
+            chunk = self.order[self.position:self.position + needed]
+            taken.append(chunk)
+            needed -= len(chunk)
+            self.position += len(chunk)
+            if self.position == self.size:
+                self.epoch += 1
+                self.position = 0
+                self.order = self._order(self.epoch)
+        return torch.cat(taken)
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    if config.lr_schedule == "cosine":
+        progress = min(1.0, step / config.steps)
+        return warmup * 0.5 * (1 + math.cos(math.pi * progress))
+    return warmup
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, device_type: str) -> "Distributed":
+        """Joins the process group when launched by torchrun (WORLD_SIZE > 1)."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        return cls(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device {name!r} asked for, but CUDA is not available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def resolve_precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain float32."""
+    if config.precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    if config.precision == "fp32":
+        return None
+    if device.type == "cpu" and config.precision == "fp16":
+        raise TrainingError("fp16 autocast needs CUDA; use bf16 or fp32 on the CPU")
+    return torch.bfloat16 if config.precision == "bf16" else torch.float16
+
+
+class Checkpoints:
+    """Atomic checkpoints in run/checkpoints/step-NNNNNNN: written to a temporary folder,
+    flushed, then renamed; older ones are deleted only after the new one is complete."""
+
+    def __init__(self, run_dir: Path, keep: int):
+        self.directory = run_dir / "checkpoints"
+        self.keep = keep
+
+    def complete(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.iterdir() if p.is_dir() and p.name.startswith("step-")
+                 and p.name[5:].isdigit() and (p / "state.pt").is_file()]
+        return sorted(found, key=lambda p: int(p.name[5:]))
+
+    def latest(self) -> Path | None:
+        complete = self.complete()
+        return complete[-1] if complete else None
+
+    def save(self, step: int, model, ema: EMA, state: dict) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.directory / f"step-{step:07d}"
+        temporary = self.directory / f".step-{step:07d}.tmp{os.getpid()}"
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(temporary / "model.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.model.state_dict().items()},
+                  str(temporary / "ema.safetensors"))
+        torch.save(state, temporary / "state.pt")
+        for file in temporary.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        for old in self.complete()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.directory.glob(".step-*.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return final
+
+
+class MetricsLog:
+    def __init__(self, path: Path, backend: str, config: TrainConfig, run_dir: Path):
+        self.path = path
+        self.backend = None
+        if backend == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TrainingError("--log tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.backend = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        elif backend == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise TrainingError("--log wandb needs the wandb package: pip install wandb"
+                                    " (set WANDB_MODE=offline to log without an account)") from None
+            self.backend = wandb.init(project="birdgen", name=run_dir.name, dir=str(run_dir), config=asdict(config),
+                                      resume="allow", id=run_dir.name)
+
+    def truncate_after(self, step: int) -> None:
+        """Drops lines logged after the checkpoint a run resumes from, so none are doubled."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line.strip()
+                and json.loads(line).get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.backend is None:
+            return
+        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if hasattr(self.backend, "add_scalar"):
+            for key, value in values.items():
+                self.backend.add_scalar(key, value, record["step"])
+        else:
+            self.backend.log(values, step=record["step"])
+
+    def close(self) -> None:
+        if self.backend is not None:
+            (self.backend.close if hasattr(self.backend, "close") else self.backend.finish)()
+
+
+def prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> None:
+    """Refuses to mix two different runs in one folder."""
+    saved = run_dir / "config.json"
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    elif saved.is_file():
+        if not resume:
+            raise TrainingError(f"{run_dir}: already holds a run; pass --resume to continue it or --overwrite"
+                                " to start over")
+        previous = json.loads(saved.read_text())
+        changed = sorted(k for k, v in asdict(config).items()
+                         if k not in RESUMABLE_CHANGES and k in previous and json.loads(json.dumps(v)) != previous[k])
+        if changed:
+            raise TrainingError(f"{saved}: the run was started with other settings ({', '.join(changed)});"
+                                " use a new --out folder")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise TrainingError(f"{run_dir}: exists and is not a birdgen run folder; choose an empty or new --out")
+
+
+def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
+          crops: CubCrops | None = None) -> Path:
+    """Trains until `config.steps`; returns the last checkpoint. Safe to stop at any time."""
+    config.validate()
+    run_dir = Path(out)
+    device_type = "cuda" if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
+    world = Distributed.from_environment(device_type)
+    device = resolve_device(config.device, world.local_rank)
+    if config.batch_size % world.world_size:
+        raise TrainingError(f"batch_size {config.batch_size} is not divisible by the {world.world_size} processes")
+    if world.is_main:
+        prepare_run_dir(run_dir, config, resume, overwrite)
+    if world.world_size > 1:
+        dist.barrier()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast_dtype = resolve_precision(config, device)
+
+    crops = crops if crops is not None else load_crops(config.data, config.image_size, config.crop, config.padding,
+                                                       progress=world.is_main and config.progress)
+    part = "all" if config.train_on == "all" else "train"
+    train_indices = crops.split_indices(config.split, part, config.seed, config.test_fraction)
+    images = torch.from_numpy(crops.images[train_indices]).to(device)  # uint8 NHWC, converted per batch
+
+    network_config, diffusion_config = config.network_config(), config.diffusion_config()
+    torch.manual_seed(config.seed)
+    model = UNet(network_config).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = EMA(model, config.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    schedule = NoiseSchedule(diffusion_config)
+    loss_fn = DiffusionLoss(schedule, config.min_snr_gamma)
+    stream = BatchStream(len(train_indices), config.batch_size, config.seed)
+    generator = torch.Generator().manual_seed(config.seed + 1)  # flips, timesteps and noise
+    checkpoints = Checkpoints(run_dir, config.keep_checkpoints)
+    step, train_seconds, skipped_total = 0, 0.0, 0
+
+    latest = checkpoints.latest() if resume else None
+    if latest is not None:
+        model.load_state_dict(load_file(str(latest / "model.safetensors"), device=str(device)))
+        ema.model.load_state_dict(load_file(str(latest / "ema.safetensors"), device=str(device)))
+        state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        stream = BatchStream(len(train_indices), config.batch_size, config.seed, state["epoch"], state["position"])
+        step, train_seconds, skipped_total = state["step"], state["train_seconds"], state["skipped_steps"]
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = None
+    if world.is_main:
+        atomic_write_text(run_dir / "config.json", json.dumps(asdict(config), indent=2) + "\n")
+        log = MetricsLog(run_dir / "metrics.jsonl", config.log, config, run_dir)
+        log.truncate_after(step)
+        if latest is None:
+            (run_dir / "metrics.jsonl").write_text("")
+            atomic_write_text(run_dir / "run.json", json.dumps({
+                "machine": machine_description(device), "parameters": parameter_count(model),
+                "world_size": world.world_size, "train_images": len(train_indices),
+                **config_dict(network_config, diffusion_config)}, indent=2) + "\n")
+
+    trained = model
+    if config.compile:
+        trained = torch.compile(model)
+    if world.world_size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
+
+    stop_signal = []
+    previous_handlers = {}
+    if world.is_main or world.world_size > 1:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous_handlers[sig] = signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+            except ValueError:  # not the main thread (e.g. inside the app's process): no handlers
+                pass
+
+    def save(reason: str) -> Path:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                 "epoch": stream.epoch, "position": stream.position, "step": step, "train_seconds": train_seconds,
+                 "skipped_steps": skipped_total, "images_seen": step * config.batch_size, "reason": reason}
+        return checkpoints.save(step, model, ema, state)
+
+    def preview() -> None:
+        noise, sample_generator = initial_noise(config.sample_count, config.image_size, seed=1234, device=device)
+        denoiser = Denoiser(ema.model, schedule, autocast_dtype, config.channels_last)
+        images = run_to_end(DDIMSampler(schedule, config.sample_steps), denoiser, noise, sample_generator)
+        (run_dir / "samples").mkdir(exist_ok=True)
+        save_grid(images, run_dir / "samples" / f"step-{step:07d}.png")
+        save_grid(images, run_dir / "samples" / "latest.png")
+
+    local_batch = config.batch_size // world.world_size
+    local = slice(world.rank * local_batch, (world.rank + 1) * local_batch)
+    bar = tqdm(total=config.steps, initial=step, desc="Training", unit="step", disable=not (world.is_main and config.progress),
+               dynamic_ncols=True)
+    interval = {"loss": 0.0, "grad_norm": 0.0, "count": 0, "start": time.perf_counter()}
+    consecutive_bad, last_saved = 0, step
+    model.train()
+    try:
+        while step < config.steps and not stop_signal:
+            started = time.perf_counter()
+            # The whole global batch is drawn on every process, then sliced, so any number
+            # of processes sees the same images, timesteps and noise as a single one.
+            batch = to_model_range(images[stream.next().to(device)])
+            batch = random_flip(batch, generator)
+            t = torch.randint(0, schedule.num_steps, (config.batch_size,), generator=generator)
+            noise = torch.randn(batch.shape, generator=generator)
+            x0, t, noise = batch[local], t[local].to(device), noise[local].to(device)
+            if config.channels_last:
+                x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                loss = loss_fn(trained, x0, t, noise)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+            finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+            if world.world_size > 1:
+                flag = finite.float().to(device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                finite = flag.bool()
+            if not bool(finite):
+                optimizer.zero_grad(set_to_none=True)
+                scaler.update()
+                skipped_total += 1
+                consecutive_bad += 1
+                if consecutive_bad >= config.max_nonfinite:
+                    raise TrainingError(f"loss or gradients were not finite for {consecutive_bad} steps in a row at"
+                                        f" step {step}; lower the learning rate or use fp32 (last checkpoint kept)")
+                continue
+            consecutive_bad = 0
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            ema.update(model, step)
+            step += 1
+            train_seconds += time.perf_counter() - started
+            interval["loss"] += loss.item()
+            interval["grad_norm"] += grad_norm.item()
+            interval["count"] += 1
+            bar.update(1)
+
+            if world.is_main and step % config.log_every == 0:
+                elapsed = time.perf_counter() - interval["start"]
+                record = {"step": step, "loss": interval["loss"] / interval["count"], "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": interval["grad_norm"] / interval["count"],
+                          "images_per_s": interval["count"] * config.batch_size / elapsed,
+                          "images_seen": step * config.batch_size, "epoch": stream.epoch,
+                          "skipped_steps": skipped_total, "memory_mb": peak_memory_mb(device), "time": time.time()}
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                interval = {"loss": 0.0, "grad_norm": 0.0, "count": 0, "start": time.perf_counter()}
+            if world.is_main and step % config.sample_every == 0:
+                preview()
+            if step % config.checkpoint_every == 0:
+                if world.is_main:
+                    save("interval")
+                last_saved = step
+        if world.is_main and step != last_saved:
+            save("signal" if stop_signal else "end")
+        if world.is_main and stop_signal:
+            bar.write(f"Stopped by signal at step {step}; resume with --resume")
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        if world.world_size > 1:
+            dist.barrier()
+    return checkpoints.latest()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = True, card: str | None = None) -> Path:
+    """Writes the latest checkpoint's EMA weights as a model folder."""
+    run_dir = Path(run_dir)
+    latest = Checkpoints(run_dir, 1).latest()
+    if latest is None:
+        raise TrainingError(f"{run_dir}: no complete checkpoint to export")
+    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
+    network = UNet(config.network_config())
+    network.load_state_dict(load_file(str(latest / "ema.safetensors")))
+    return save_model(out, network, config.network_config(), config.diffusion_config(), half=half, card=card)

@@ -1,0 +1,61 @@
+"""Small shared helpers: image grids and a description of the machine."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .data import to_uint8
+
+
+def grid_image(images: torch.Tensor, columns: int | None = None, padding: int = 2) -> Image.Image:
+    """Model-range NCHW images (or uint8 NHWC) as one PIL grid, `columns` wide (default: square)."""
+    pixels = images if images.dtype == torch.uint8 else to_uint8(images)
+    count, height, width, _ = pixels.shape
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    canvas = Image.new("RGB", (columns * (width + padding) + padding, rows * (height + padding) + padding), "white")
+    for index in range(count):
+        row, column = divmod(index, columns)
+        canvas.paste(Image.fromarray(pixels[index].numpy()), (padding + column * (width + padding),
+                                                               padding + row * (height + padding)))
+    return canvas
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: int | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    grid_image(images, columns).save(temporary)
+    os.replace(temporary, path)
+    return path
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device: torch.device | str = "cpu") -> str:
+    device = torch.device(device)
+    text = f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if device.type == "cuda":
+        text = f"{torch.cuda.get_device_name(device)}; host {text}"
+    return text
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -143,7 +143,7 @@ class DDPMSampler(Sampler):
     name = "ddpm"
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int | None = None, **options):
-        super().__init__(schedule, num_steps or schedule.num_steps, **options)
+        super().__init__(schedule, schedule.num_steps if num_steps is None else num_steps, **options)
 
     def steps(self, denoiser, noise, generator=None):
         x = noise
@@ -207,7 +207,7 @@ def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int | None = Non
     """Builds a sampler by name ('ddpm', 'ddim' or 'dpmpp'); eta applies to DDIM only."""
     if name not in SAMPLER_CLASSES:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    steps = num_steps or min(DEFAULT_STEPS[name], schedule.num_steps)
+    steps = min(DEFAULT_STEPS[name], schedule.num_steps) if num_steps is None else num_steps
     if name == "ddim":
         return DDIMSampler(schedule, steps, eta=eta, **options)
     return SAMPLER_CLASSES[name](schedule, steps, **options)

@@ -114,8 +114,17 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         help_text = f"(default: {field.default})"
         if kind is bool:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif typing.get_origin(kind) is tuple:
+            parser.add_argument(flag, dest=field.name, type=int_list, metavar="N,N,…", help=help_text)
         else:
             parser.add_argument(flag, dest=field.name, type=kind, help=help_text)
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def cmd_download(args) -> int:

@@ -34,7 +34,7 @@ from .utils import machine_description, save_grid
 
 # Settings that may change when a run is resumed; any other difference means another run.
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_threads",
-                     "log", "progress", "compile"}
+                     "log", "progress", "compile", "max_nonfinite", "device", "precision", "channels_last"}
 
 
 class TrainingError(RuntimeError):
@@ -55,6 +55,7 @@ class TrainConfig:
     preset: str = "small"
     attention: bool | None = None  # None keeps the preset's; False removes it; True adds it at 8x8
     dropout: float | None = None  # None keeps the preset's
+    channels: tuple[int, ...] | None = None  # feature channels per level; None keeps the preset's
     # Diffusion (the report's Table 1: 1000 steps, cosine schedule with s = 0.008)
     schedule: str = "cosine"
     noise_steps: int = 1000
@@ -121,6 +122,8 @@ class TrainConfig:
             overrides["attention_resolutions"] = (base.attention_resolutions or (8,)) if self.attention else ()
         if self.dropout is not None:
             overrides["dropout"] = self.dropout
+        if self.channels is not None:
+            overrides["channels"] = tuple(self.channels)
         return preset(self.preset, **overrides)
 
     def diffusion_config(self) -> DiffusionConfig:

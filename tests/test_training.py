@@ -1,0 +1,200 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from birdgen.data import load_crops
+from birdgen.training_loop import Checkpoints, TrainConfig, TrainingError, train
+from conftest import REPO
+
+SMALL = dict(image_size=16, channels=(8, 16), batch_size=4, log_every=2, checkpoint_every=3, sample_every=3,
+             sample_count=4, sample_steps=3, noise_steps=100, warmup_steps=2, progress=False, num_threads=1)
+
+
+def config(data, **overrides) -> TrainConfig:
+    return TrainConfig(data=str(data), **{**SMALL, **overrides})
+
+
+def weights(path):
+    return load_file(str(path))
+
+
+def test_short_run_writes_checkpoints_grids_and_logs(tiny_cub, tmp_path):
+    run = tmp_path / "run"
+    latest = train(config(tiny_cub, steps=7, keep_checkpoints=2), run)
+    assert latest.name == "step-0000007"
+    assert [p.name for p in Checkpoints(run, 2).complete()] == ["step-0000006", "step-0000007"]
+    assert {p.name for p in (run / "samples").iterdir()} == {"step-0000003.png", "step-0000006.png", "latest.png"}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert {"loss", "lr", "grad_norm", "images_per_s", "memory_mb", "images_seen"} <= set(records[0])
+    assert json.loads((run / "config.json").read_text())["steps"] == 7
+    state = torch.load(latest / "state.pt", weights_only=True)
+    assert state["step"] == 7 and state["images_seen"] == 28
+
+
+def test_loss_falls_on_real_data(real_cub, tmp_path):
+    crops = load_crops(real_cub, size=16, progress=False)
+    cfg = config(real_cub, steps=60, batch_size=16, log_every=10, checkpoint_every=60, sample_every=60,
+                 lr=2e-3, noise_steps=1000, num_threads=2)
+    train(cfg, tmp_path / "run", crops=crops)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.8 * losses[0] and losses == sorted(losses, reverse=True), losses
+
+
+def test_resume_gives_identical_weights(tiny_cub, tmp_path):
+    train(config(tiny_cub, steps=6, dropout=0.1), tmp_path / "straight")
+    train(config(tiny_cub, steps=3, dropout=0.1), tmp_path / "halves")
+    train(config(tiny_cub, steps=6, dropout=0.1), tmp_path / "halves", resume=True)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = weights(tmp_path / "straight" / "checkpoints" / "step-0000006" / name)
+        b = weights(tmp_path / "halves" / "checkpoints" / "step-0000006" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    logged = [json.loads(line)["step"] for line in (tmp_path / "halves" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [2, 4, 6]
+
+
+def test_refuses_to_mix_runs(tiny_cub, tmp_path):
+    run = tmp_path / "run"
+    train(config(tiny_cub, steps=2), run)
+    with pytest.raises(TrainingError, match="already holds a run; pass --resume"):
+        train(config(tiny_cub, steps=2), run)
+    with pytest.raises(TrainingError, match=r"started with other settings \(lr\)"):
+        train(config(tiny_cub, steps=4, lr=1e-3), run, resume=True)
+    train(config(tiny_cub, steps=2, lr=1e-3), run, overwrite=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(TrainingError, match="not a birdgen run folder"):
+        train(config(tiny_cub, steps=2), tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_size": 0}, "batch_size must be at least 1"),
+    ({"lr": -1e-4}, "learning rate must be positive"),
+    ({"image_size": 18}, "not divisible"),
+    ({"schedule": "sigmoid"}, "unknown schedule"),
+    ({"precision": "fp8"}, "precision 'fp8'"),
+    ({"sample_steps": 500}, "sample_steps 500 exceeds noise_steps 100"),
+])
+def test_impossible_values_fail_before_work(tiny_cub, tmp_path, overrides, message):
+    with pytest.raises(TrainingError, match=message):
+        train(config(tiny_cub, steps=2, **overrides), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_unknown_keys_and_overrides(tmp_path):
+    (tmp_path / "c.yaml").write_text("lr: 0.001\nbatch_size: 8\n")
+    assert TrainConfig.from_file(tmp_path / "c.yaml").batch_size == 8
+    (tmp_path / "bad.json").write_text('{"lr": 0.001, "wingspan": 3}')
+    with pytest.raises(TrainingError, match=r"bad\.json: unknown setting\(s\) wingspan"):
+        TrainConfig.from_file(tmp_path / "bad.json")
+    (tmp_path / "broken.yaml").write_text("lr: [")
+    with pytest.raises(TrainingError, match=r"broken\.yaml: cannot parse config"):
+        TrainConfig.from_file(tmp_path / "broken.yaml")
+
+
+def test_non_finite_losses_are_skipped_then_stop(tiny_cub, tmp_path, monkeypatch):
+    import birdgen.training_loop as loop
+
+    real_call = loop.DiffusionLoss.__call__
+    calls = {"n": 0}
+
+    def sometimes_nan(self, *args):
+        calls["n"] += 1
+        loss = real_call(self, *args)
+        return loss * float("nan") if calls["n"] in (2, 3) else loss
+
+    monkeypatch.setattr(loop.DiffusionLoss, "__call__", sometimes_nan)
+    latest = train(config(tiny_cub, steps=4), tmp_path / "run")
+    state = torch.load(latest / "state.pt", weights_only=True)
+    assert state["step"] == 4 and state["skipped_steps"] == 2
+    assert all(torch.isfinite(t).all() for t in weights(latest / "model.safetensors").values())
+
+    monkeypatch.setattr(loop.DiffusionLoss, "__call__", lambda self, *a: real_call(self, *a) * float("nan"))
+    with pytest.raises(TrainingError, match="not finite for 3 steps in a row"):
+        train(config(tiny_cub, steps=8, max_nonfinite=3), tmp_path / "run", resume=True)
+    assert Checkpoints(tmp_path / "run", 3).latest().name == "step-0000004"
+
+
+def test_incomplete_checkpoint_is_ignored(tiny_cub, tmp_path):
+    run = tmp_path / "run"
+    train(config(tiny_cub, steps=3), run)
+    # What a kill -9 in the middle of a save leaves behind: a temporary folder, never renamed.
+    partial = run / "checkpoints" / ".step-0000006.tmp999"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\0" * 10)
+    assert Checkpoints(run, 3).latest().name == "step-0000003"
+    latest = train(config(tiny_cub, steps=6), run, resume=True)
+    assert latest.name == "step-0000006" and not partial.exists()
+
+
+def run_cli(*args, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "birdgen", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def cli_train_args(data, out, steps):
+    return ["train", "--data", str(data), "--out", str(out), "--image-size", "16", "--channels", "8,16",
+            "--batch-size", "4", "--noise-steps", "100", "--sample-steps", "3", "--sample-count", "4",
+            "--log-every", "1", "--checkpoint-every", "1000", "--sample-every", "1000", "--steps", str(steps),
+            "--no-progress", "--num-threads", "1"]
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_cub, tmp_path):
+    run = tmp_path / "run"
+    process = run_cli(*cli_train_args(tiny_cub, run, 100_000))
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file() or \
+            len((run / "metrics.jsonl").read_text().splitlines()) < 3:
+        time.sleep(0.2)
+        assert process.poll() is None, process.communicate()
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "Stopped by signal" in err + out
+    latest = Checkpoints(run, 3).latest()
+    stopped_at = torch.load(latest / "state.pt", weights_only=True)["step"]
+    assert stopped_at >= 3
+    resumed = run_cli(*cli_train_args(tiny_cub, run, stopped_at + 2), "--resume")
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    assert Checkpoints(run, 3).latest().name == f"step-{stopped_at + 2:07d}"
+
+
+def test_cli_rejects_non_cub_folder_and_unknown_config_key(tmp_path):
+    process = run_cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "run"))
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2 and "images.txt: missing CUB metadata file" in err
+    assert len(err.strip().splitlines()) == 1
+    (tmp_path / "c.json").write_text('{"batchsize": 3}')
+    process = run_cli("train", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "run"))
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2 and "unknown setting(s) batchsize" in err
+
+
+def test_two_gloo_processes_match_one_process_with_same_global_batch(tiny_cub, tmp_path):
+    args = cli_train_args(tiny_cub, tmp_path / "single", 4)
+    single = run_cli(*args)
+    _, err = single.communicate(timeout=300)
+    assert single.returncode == 0, err
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    ddp_args = cli_train_args(tiny_cub, tmp_path / "ddp", 4)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "birdgen", *ddp_args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = weights(tmp_path / "single" / "checkpoints" / "step-0000004" / "model.safetensors")
+    b = weights(tmp_path / "ddp" / "checkpoints" / "step-0000004" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    moved = sum((a[k] - weights(tmp_path / "single" / "checkpoints" / "step-0000004" / "ema.safetensors")[k])
+                .abs().sum() for k in a)
+    assert moved > 0
+    run_info = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert run_info["world_size"] == 2

@@ -94,9 +94,10 @@ def extract(archive: Path, dest: Path) -> Path:
     return root
 
 
-def download(dest: str | os.PathLike, url: str = ARCHIVE_URL, expected_md5: str = ARCHIVE_MD5) -> Path:
+def download(dest: str | os.PathLike, url: str | None = None, expected_md5: str = ARCHIVE_MD5) -> Path:
     """Gets CUB_200_2011 into dest: uses dest/CUB_200_2011.tgz if present and intact, else downloads it."""
     dest = Path(dest)
+    url = url or ARCHIVE_URL
     archive = dest / ARCHIVE_NAME
     if archive.is_file() and md5sum(archive) != expected_md5:
         raise DownloadError(f"{archive}: MD5 does not match the published {expected_md5}; delete it and try again")

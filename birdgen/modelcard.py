@@ -12,17 +12,10 @@ from .checkpoint import CARD_FILE, METRICS_FILE, atomic_write_text, load_model
 from .data import load_crops
 from .diffusion import HELDOUT_TIMESTEPS, heldout_loss
 from .samplers import DDIMSampler, initial_noise, run_to_end
-from .training_loop import Checkpoints, TrainConfig, export_run
+from .training_loop import Checkpoints, TrainConfig, export_run, read_metrics
 from .utils import save_grid
 
 GRID_SEED = 0
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_loss(records: list[dict], path: Path) -> None:

@@ -1,0 +1,115 @@
+"""Streamlit building blocks shared by the app's pages: cached models, the model picker, the
+sampler controls and a generation run with a live progress bar. Pages stay short scripts."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import streamlit as st
+import torch
+
+from .checkpoint import CONFIG_FILE, BirdModel, ModelError, load_model
+from .pipeline import MAX_IMAGES, GenerationRequest
+from .samplers import SAMPLERS
+from .utils import machine_description
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLER_LABELS = {"ddpm": "DDPM (ancestral)", "ddim": "DDIM", "dpmpp": "DPM-Solver++ (2M)"}
+# Slider range and default per sampler: DDPM needs many steps, DPM-Solver++ few.
+STEP_RANGES = {"ddpm": (10, 1000, 250), "ddim": (1, 250, 25), "dpmpp": (3, 100, 15)}
+
+
+def models_dir() -> Path:
+    """The shipped models: $BIRDGEN_MODELS_DIR, else models/ beside the app."""
+    return Path(os.environ.get("BIRDGEN_MODELS_DIR") or REPO / "models")
+
+
+def data_root() -> Path:
+    """The default CUB folder: $BIRDGEN_DATA, else the shared partial copy beside the repo."""
+    return Path(os.environ.get("BIRDGEN_DATA") or REPO.parent / "shared" / "data" / "CUB_200_2011")
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def available_models() -> list[Path]:
+    root = models_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file())
+
+
+@st.cache_resource(show_spinner="Loading model…")
+def cached_model(path: str, device_name: str) -> BirdModel:
+    # Shared by every session: sampling only reads the weights, and each run has its own
+    # generator and tensors, so concurrent tabs do not interfere.
+    return load_model(path, device_name)
+
+
+def model_picker(label: str = "Model", key: str = "model", prefer: str | None = None) -> BirdModel:
+    """A select box over models/; stops the page with an explanation when there are none."""
+    models = available_models()
+    if not models:
+        st.warning(f"No trained models in `{models_dir()}`. Train one with `birdgen train`, export it with "
+                   "`birdgen export RUN --to models/NAME`, then reload this page.")
+        st.stop()
+    names = [p.name for p in models]
+    index = next((i for i, n in enumerate(names) if prefer and n == prefer), 0)
+    name = st.selectbox(label, names, index=index, key=key)
+    try:
+        return cached_model(str(models_dir() / name), str(device()))
+    except ModelError as error:
+        st.error(f"Cannot load this model: {error}")
+        st.stop()
+
+
+def sampler_controls(key: str = "gen", max_images: int = 16, default_images: int = 8) -> GenerationRequest:
+    """Sampler, steps (range fits the sampler), eta, seed (with a random button), image count."""
+    columns = st.columns(2)
+    sampler = columns[0].selectbox("Sampler", SAMPLERS, index=1, format_func=SAMPLER_LABELS.get, key=f"{key}_sampler")
+    low, high, default = STEP_RANGES[sampler]
+    steps = columns[1].slider("Steps", low, high, default, key=f"{key}_steps_{sampler}",
+                              help="Network evaluations. More steps: slower, usually cleaner birds.")
+    eta = 0.0
+    if sampler == "ddim":
+        eta = st.slider("eta", 0.0, 1.0, 0.0, 0.05, key=f"{key}_eta",
+                        help="0 is deterministic DDIM; 1 adds as much fresh noise per step as DDPM.")
+    seed_key = f"{key}_seed"
+    if seed_key not in st.session_state:
+        st.session_state[seed_key] = 0
+    columns = st.columns([3, 1, 3])
+    columns[1].button("🎲 Random", key=f"{key}_random", on_click=_randomize_seed, args=(seed_key,),
+                      help="Pick a random seed")
+    seed = columns[0].number_input("Seed", 0, 2**31 - 1, step=1, key=seed_key)
+    count = columns[2].number_input("Images", 1, min(max_images, MAX_IMAGES), default_images, key=f"{key}_count")
+    return GenerationRequest(sampler, int(steps), int(count), int(seed), float(eta))
+
+
+def _randomize_seed(seed_key: str) -> None:
+    st.session_state[seed_key] = random.randrange(2**31 - 1)
+
+
+def progress_callback(label: str = "Denoising"):
+    """A progress bar fed by sampler steps; pressing any button (e.g. Cancel) reruns the page,
+    which stops the run between two steps."""
+    bar = st.progress(0.0, text=label)
+
+    def on_step(step) -> None:
+        bar.progress((step.index + 1) / step.num_steps, text=f"{label}: step {step.index + 1} of {step.num_steps}")
+
+    return bar, on_step
+
+
+def describe(model: BirdModel) -> str:
+    return f"{model.parameter_count:,} parameters · {machine_description(model.device)}"
+
+
+def stored_metrics_text(model: BirdModel) -> str:
+    metrics = model.metrics()
+    if not metrics:
+        return "KID/FID: not measured yet (see the Metrics page)."
+    return (f"KID {metrics['kid_mean']:.4f} ± {metrics['kid_std']:.4f} · FID {metrics['fid']:.1f} "
+            f"({metrics['num_generated']} images, {metrics['sampler']} {metrics['steps']} steps)")

@@ -1,0 +1,40 @@
+"""Two models, the same seed and the same starting noise, side by side."""
+
+import streamlit as st
+
+from birdgen import ui
+from birdgen.pipeline import generate
+from birdgen.samplers import initial_noise
+from birdgen.utils import grid_image
+
+st.set_page_config(page_title="birdgen · Compare models", page_icon="⚖️", layout="wide")
+st.title("⚖️ Compare models")
+st.markdown("Does self-attention help? Both models start from **exactly the same noise** and run the same "
+            "sampler, so any difference in the birds comes from the networks alone.")
+
+pickers = st.columns(2)
+with pickers[0]:
+    left = ui.model_picker("Left model", key="left", prefer="small-attn")
+with pickers[1]:
+    right = ui.model_picker("Right model", key="right", prefer="small")
+request = ui.sampler_controls("cmp", max_images=16, default_images=8)
+if left.network_config.image_size != right.network_config.image_size:
+    st.error("These models make images of different sizes, so they cannot share the same noise.")
+    st.stop()
+
+if st.button("Generate both", type="primary", key="compare"):
+    noise, _ = initial_noise(request.num_images, left.network_config.image_size, request.seed, "cpu",
+                             left.network_config.in_channels)
+    results = []
+    for model in (left, right):
+        bar, on_step = ui.progress_callback(f"Denoising with {model.name}")
+        results.append((model.name, generate(model, request, noise=noise, on_step=on_step)))
+        bar.empty()
+    st.session_state["comparison"] = [(name, grid_image(r.images), r.seconds) for name, r in results]
+
+if "comparison" in st.session_state:
+    for column, model, (name, image, seconds) in zip(st.columns(2), (left, right), st.session_state["comparison"]):
+        column.subheader(name)
+        column.image(image, width=420)
+        column.caption(f"{seconds:.1f} s · {ui.describe(model)}")
+        column.caption(ui.stored_metrics_text(model))

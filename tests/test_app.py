@@ -1,0 +1,145 @@
+"""Every page under Streamlit's headless AppTest, on tiny models made by the tests."""
+
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from birdgen.checkpoint import build_model, save_model
+from birdgen.diffusion import DiffusionConfig
+from birdgen.networks import preset
+from conftest import REPO
+
+PAGES = REPO / "pages"
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch):
+    folder = tmp_path / "models"
+    for name in ("small", "small-attn"):
+        model = build_model(preset(name, channels=(8, 16)), DiffusionConfig(num_steps=100))
+        save_model(folder / name, model.network, model.network_config, model.diffusion_config)
+    monkeypatch.setenv("BIRDGEN_MODELS_DIR", str(folder))
+    monkeypatch.setenv("BIRDGEN_RUNS_DIR", str(tmp_path / "runs"))
+    return folder
+
+
+def app(path) -> AppTest:
+    test = AppTest.from_file(str(path), default_timeout=120)
+    test.run()
+    assert not test.exception, test.exception
+    return test
+
+
+def test_generate_page(models):
+    at = app(REPO / "app.py")
+    assert at.title[0].value.startswith("🐦 birdgen")
+    assert {s.label for s in at.selectbox} >= {"Model", "Sampler"}
+    assert at.selectbox(key="model").value == "small-attn"
+    at.slider(key="gen_steps_ddim").set_value(3)
+    at.number_input(key="gen_count").set_value(4)
+    at.button(key="generate").click().run()
+    assert not at.exception
+    assert len(at.get("image")) == 1
+    assert any("4 images in" in c.value and "parameters" in c.value for c in at.caption)
+    assert len(at.get("download_button")) == 1
+
+
+def test_generate_page_sampler_ranges_and_random_seed(models):
+    at = app(REPO / "app.py")
+    at.selectbox(key="gen_sampler").set_value("dpmpp").run()
+    steps = at.slider(key="gen_steps_dpmpp")
+    assert (steps.min, steps.max) == (3, 100)
+    assert not any(s.label == "eta" for s in at.slider)
+    before = at.number_input(key="gen_seed").value
+    at.button(key="gen_random").click().run()
+    assert at.number_input(key="gen_seed").value != before
+
+
+def test_generate_page_without_models_explains(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIRDGEN_MODELS_DIR", str(tmp_path / "empty"))
+    at = app(REPO / "app.py")
+    assert "No trained models" in at.warning[0].value
+
+
+def test_bad_model_folder_shows_error_not_traceback(models):
+    (models / "small-attn" / "model.safetensors").write_bytes(b"broken")
+    at = app(REPO / "app.py")
+    assert "Cannot load this model" in at.error[0].value
+
+
+def test_denoising_page_forward_and_reverse(models, real_cub, monkeypatch):
+    monkeypatch.setenv("BIRDGEN_DATA", str(real_cub))
+    at = app(PAGES / "1_Denoising_process.py")
+    assert len(at.get("image")) == 1  # the forward-process frame
+    t_slider = next(s for s in at.slider if s.label == "Timestep t")
+    t_slider.set_value(99).run()
+    assert at.get("image")[0].captions == ["x_t at t = 99"]
+    at.slider(key="chain_steps_ddim").set_value(4)
+    at.button(key="run_chain").click().run()
+    assert not at.exception
+    step = at.slider(key="chain_step")
+    assert (step.min, step.max) == (1, 4)
+    step.set_value(2).run()
+    assert len(at.get("image")) == 3  # forward frame, the step, the chain strip
+    assert at.get("image")[1].captions[0].startswith("after step 2 of 4")
+    at.button(key="play").click().run()
+    assert len(at.get("image")) == 4 and len(at.get("download_button")) == 2
+
+
+def test_denoising_page_without_dataset_falls_back_to_generated(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("BIRDGEN_DATA", str(tmp_path / "no-data"))
+    at = app(PAGES / "1_Denoising_process.py")
+    assert "No dataset found" in at.info[0].value
+    assert len(at.get("image")) == 1
+
+
+def test_compare_page_uses_same_noise(models):
+    at = app(PAGES / "2_Compare_models.py")
+    assert at.selectbox(key="left").value == "small-attn" and at.selectbox(key="right").value == "small"
+    at.slider(key="cmp_steps_ddim").set_value(2)
+    at.number_input(key="cmp_count").set_value(2)
+    at.button(key="compare").click().run()
+    assert not at.exception and len(at.get("image")) == 2
+    assert sum("parameters" in c.value for c in at.caption) == 2
+
+
+def test_metrics_page_lists_models_and_explains_missing_weights(models, tmp_path, monkeypatch):
+    (models / "small" / "metrics.json").write_text(
+        '{"kid_mean": 0.2, "kid_std": 0.01, "fid": 90.0, "sampler": "ddim", "steps": 50, "num_generated": 100,'
+        ' "num_real": 200, "split": "test"}')
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("BIRDGEN_INCEPTION_WEIGHTS", raising=False)
+    at = app(PAGES / "3_Metrics.py")
+    table = at.dataframe[0].value
+    assert list(table["model"]) == ["small", "small-attn"] and table["FID"].iloc[0] == 90.0
+    assert any("InceptionV3 weights" in i.value for i in at.info)
+
+
+def test_train_page_validates_then_starts_and_stops(models, tiny_cub, tmp_path):
+    at = app(PAGES / "4_Train.py")
+    (tmp_path / "not-cub").mkdir()
+    at.text_input[0].set_value(str(tmp_path / "not-cub"))
+    at.button[0].click().run()  # the form's submit button
+    assert "missing CUB metadata file" in at.error[0].value
+    at.text_input[0].set_value(str(tiny_cub))
+    at.text_input[1].set_value("bad name; rm -rf /")
+    at.button[0].click().run()
+    assert "run name" in at.error[0].value
+    at.text_input[1].set_value("tiny")
+    at.button[0].click().run()
+    assert not at.exception and "Started training" in at.success[0].value
+    try:
+        deadline = time.time() + 120
+        run = tmp_path / "runs" / "tiny"
+        while time.time() < deadline and not (run / "run.json").is_file():
+            time.sleep(0.5)
+        log = (tmp_path / "runs" / "tiny.log").read_text()
+        assert (run / "run.json").is_file(), log
+        at.run()
+        assert any(b.label.startswith("Stop") for b in at.button)
+    finally:
+        at.button(key="stop").click().run()
+    assert any(s.value == "Stopped." for s in at.success)
+    assert (tmp_path / "runs" / "tiny" / "config.json").is_file()

@@ -1,41 +1,12 @@
-"""birdgen — Generate: the landing page. Run with `streamlit run app.py`."""
+"""birdgen's Streamlit app: `streamlit run app.py`. Each page is a short script in pages/."""
 
 import streamlit as st
 
-from birdgen import ui
-from birdgen.pipeline import generate
-from birdgen.utils import grid_image
-from birdgen.visualize import png_bytes
-
-st.set_page_config(page_title="birdgen · Generate", page_icon="🐦", layout="wide")
-st.title("🐦 birdgen — generate birds")
-st.markdown("A diffusion model turns pure noise into a 64×64 bird, one denoising step at a time. "
-            "Pick a model and a sampler, press **Generate**, and watch it work. The other pages show the "
-            "noising process, compare models, list KID/FID and train your own.")
-
-controls, output = st.columns([1, 2])
-with controls:
-    model = ui.model_picker(prefer="small-attn")
-    request = ui.sampler_controls("gen")
-    pressed = st.button("Generate", type="primary", key="generate")
-    cancelled = st.session_state.get("cancel", False)
-
-with output:
-    if pressed:
-        cancel_slot = st.empty()
-        cancel_slot.button("Cancel", key="cancel")
-        bar, on_step = ui.progress_callback()
-        result = generate(model, request, on_step=on_step)
-        bar.empty()
-        cancel_slot.empty()
-        st.session_state["generated"] = (model.name, request, grid_image(result.images), result.seconds)
-    elif cancelled:
-        st.info("Generation cancelled.")
-    if "generated" in st.session_state:
-        name, shown, image, seconds = st.session_state["generated"]
-        st.image(image, caption=f"{name} · {shown.sampler} · {shown.steps} steps · seed {shown.seed}", width=560)
-        st.caption(f"{shown.num_images} images in {seconds:.1f} s · {ui.describe(model)}")
-        st.download_button("Download PNG", png_bytes(image), file_name=f"birds-{name}-seed{shown.seed}.png",
-                           mime="image/png")
-    else:
-        st.caption(ui.describe(model))
+st.set_page_config(page_title="birdgen", page_icon="🐦", layout="wide")
+st.navigation([
+    st.Page("pages/generate.py", title="Generate", icon="🐦", default=True),
+    st.Page("pages/denoising.py", title="Denoising process", icon="🌫️", url_path="denoising"),
+    st.Page("pages/compare.py", title="Compare models", icon="⚖️", url_path="compare"),
+    st.Page("pages/metrics.py", title="Metrics", icon="📊", url_path="metrics"),
+    st.Page("pages/train.py", title="Train", icon="🏋️", url_path="train"),
+]).run()

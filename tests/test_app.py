@@ -32,8 +32,13 @@ def app(path) -> AppTest:
     return test
 
 
-def test_generate_page(models):
+def test_app_entry_point_opens_generate(models):
     at = app(REPO / "app.py")
+    assert at.title[0].value.startswith("🐦 birdgen")
+
+
+def test_generate_page(models):
+    at = app(PAGES / "generate.py")
     assert at.title[0].value.startswith("🐦 birdgen")
     assert {s.label for s in at.selectbox} >= {"Model", "Sampler"}
     assert at.selectbox(key="model").value == "small-attn"
@@ -47,7 +52,7 @@ def test_generate_page(models):
 
 
 def test_generate_page_sampler_ranges_and_random_seed(models):
-    at = app(REPO / "app.py")
+    at = app(PAGES / "generate.py")
     at.selectbox(key="gen_sampler").set_value("dpmpp").run()
     steps = at.slider(key="gen_steps_dpmpp")
     assert (steps.min, steps.max) == (3, 100)
@@ -71,7 +76,7 @@ def test_bad_model_folder_shows_error_not_traceback(models):
 
 def test_denoising_page_forward_and_reverse(models, real_cub, monkeypatch):
     monkeypatch.setenv("BIRDGEN_DATA", str(real_cub))
-    at = app(PAGES / "1_Denoising_process.py")
+    at = app(PAGES / "denoising.py")
     assert len(at.get("image")) == 1  # the forward-process frame
     t_slider = next(s for s in at.slider if s.label == "Timestep t")
     t_slider.set_value(99).run()
@@ -90,13 +95,13 @@ def test_denoising_page_forward_and_reverse(models, real_cub, monkeypatch):
 
 def test_denoising_page_without_dataset_falls_back_to_generated(models, tmp_path, monkeypatch):
     monkeypatch.setenv("BIRDGEN_DATA", str(tmp_path / "no-data"))
-    at = app(PAGES / "1_Denoising_process.py")
+    at = app(PAGES / "denoising.py")
     assert "No dataset found" in at.info[0].value
     assert len(at.get("image")) == 1
 
 
 def test_compare_page_uses_same_noise(models):
-    at = app(PAGES / "2_Compare_models.py")
+    at = app(PAGES / "compare.py")
     assert at.selectbox(key="left").value == "small-attn" and at.selectbox(key="right").value == "small"
     at.slider(key="cmp_steps_ddim").set_value(2)
     at.number_input(key="cmp_count").set_value(2)
@@ -111,14 +116,14 @@ def test_metrics_page_lists_models_and_explains_missing_weights(models, tmp_path
         ' "num_real": 200, "split": "test"}')
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv("BIRDGEN_INCEPTION_WEIGHTS", raising=False)
-    at = app(PAGES / "3_Metrics.py")
+    at = app(PAGES / "metrics.py")
     table = at.dataframe[0].value
     assert list(table["model"]) == ["small", "small-attn"] and table["FID"].iloc[0] == 90.0
     assert any("InceptionV3 weights" in i.value for i in at.info)
 
 
 def test_train_page_validates_then_starts_and_stops(models, tiny_cub, tmp_path):
-    at = app(PAGES / "4_Train.py")
+    at = app(PAGES / "train.py")
     (tmp_path / "not-cub").mkdir()
     at.text_input[0].set_value(str(tmp_path / "not-cub"))
     at.button[0].click().run()  # the form's submit button

@@ -9,7 +9,6 @@ from birdgen.data import DatasetError, load_crops
 from birdgen.pipeline import GenerationRequest, generate
 from birdgen.visualize import evenly_spaced, forward_frames, png_bytes, record_chain, signal_and_noise, to_gif
 
-st.set_page_config(page_title="birdgen · Denoising process", page_icon="🌫️", layout="wide")
 st.title("🌫️ The denoising process")
 st.markdown("Training adds Gaussian noise to real birds step by step (the **forward process**); sampling "
             "learns to undo it (the **reverse process**). Drag the sliders to see both.")

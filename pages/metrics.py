@@ -11,7 +11,6 @@ from birdgen.evaluation import (EvalSettings, InceptionFeatures, InceptionWeight
 from birdgen.training_jobs import run_folders
 from birdgen.training_loop import read_metrics
 
-st.set_page_config(page_title="birdgen · Metrics", page_icon="📊", layout="wide")
 st.title("📊 Metrics")
 st.markdown("**KID** and **FID** compare InceptionV3 features of generated birds with real crops: lower is "
             "better (the original report: KID 0.2089, FID 92.47). Training curves come from each run's "

@@ -7,7 +7,6 @@ from birdgen.pipeline import generate
 from birdgen.samplers import initial_noise
 from birdgen.utils import grid_image
 
-st.set_page_config(page_title="birdgen · Compare models", page_icon="⚖️", layout="wide")
 st.title("⚖️ Compare models")
 st.markdown("Does self-attention help? Both models start from **exactly the same noise** and run the same "
             "sampler, so any difference in the birds comes from the networks alone.")

@@ -12,7 +12,6 @@ from birdgen.networks import PRESETS
 from birdgen.training_jobs import TrainForm, current_job, last_job, log_tail, start_training, stop_training
 from birdgen.training_loop import read_metrics
 
-st.set_page_config(page_title="birdgen · Train", page_icon="🏋️", layout="wide")
 st.title("🏋️ Train a model")
 st.markdown("Fill in the form to start `birdgen train` in the background (one run at a time). The loss curve, "
             "the latest sample grid and the log update below; **Stop** saves a checkpoint, **Resume** continues "

@@ -130,11 +130,15 @@ class DiffusionLoss:
         return clipped / snr if self.schedule.config.prediction == "epsilon" else clipped / (snr + 1)
 
 
-HELDOUT_TIMESTEPS = (50, 250, 500, 750, 950)
+HELDOUT_FRACTIONS = (0.05, 0.25, 0.5, 0.75, 0.95)  # of T: steps 50, 250, 500, 750, 950 when T = 1000
+
+
+def heldout_timesteps(num_steps: int) -> tuple[int, ...]:
+    return tuple(int(round(f * num_steps)) for f in HELDOUT_FRACTIONS)
 
 
 @torch.no_grad()
-def heldout_loss(network, schedule: NoiseSchedule, images: torch.Tensor, timesteps=HELDOUT_TIMESTEPS,
+def heldout_loss(network, schedule: NoiseSchedule, images: torch.Tensor, timesteps=None,
                  seed: int = 0, batch_size: int = 64) -> dict[int, float]:
     """Noise-prediction MSE on held-out images at fixed timesteps and fixed noise, whatever the
     network's prediction target (its output is converted to an epsilon estimate), so two
@@ -143,7 +147,7 @@ def heldout_loss(network, schedule: NoiseSchedule, images: torch.Tensor, timeste
     noise = torch.randn(images.shape, generator=generator)
     device = next(network.parameters()).device
     results = {}
-    for step in timesteps:
+    for step in timesteps or heldout_timesteps(schedule.num_steps):
         if not 0 <= step < schedule.num_steps:
             raise ValueError(f"timestep {step} out of range [0, {schedule.num_steps})")
         total = 0.0

@@ -10,7 +10,7 @@ import torch
 
 from .checkpoint import CARD_FILE, METRICS_FILE, atomic_write_text, load_model
 from .data import load_crops
-from .diffusion import HELDOUT_TIMESTEPS, heldout_loss
+from .diffusion import heldout_loss
 from .samplers import DDIMSampler, initial_noise, run_to_end
 from .training_loop import Checkpoints, TrainConfig, export_run, read_metrics
 from .utils import save_grid
@@ -57,10 +57,11 @@ def export_with_card(run_dir: str | os.PathLike, out: str | os.PathLike, half: b
         crops = load_crops(config.data, config.image_size, config.crop, config.padding, progress=False)
         held = crops.split_indices(config.split, "test", config.seed, config.test_fraction)[: 64 * heldout_batches]
         losses = heldout_loss(model.network, model.schedule, crops.tensor(held))
+        steps = list(losses)
         heldout_text = (f"Noise-prediction MSE on {len(held)} held-out crops ({config.split} split, never trained on),"
-                        " fixed noise, seed 0:\n\n| timestep | " + " | ".join(str(t) for t in HELDOUT_TIMESTEPS)
-                        + " | mean |\n|---|" + "---|" * (len(HELDOUT_TIMESTEPS) + 1) + "\n| MSE | "
-                        + " | ".join(f"{losses[t]:.4f}" for t in HELDOUT_TIMESTEPS)
+                        " fixed noise, seed 0:\n\n| timestep | " + " | ".join(str(t) for t in steps)
+                        + " | mean |\n|---|" + "---|" * (len(steps) + 1) + "\n| MSE | "
+                        + " | ".join(f"{losses[t]:.4f}" for t in steps)
                         + f" | {sum(losses.values()) / len(losses):.4f} |")
 
     metrics_path = out / METRICS_FILE
@@ -117,11 +118,13 @@ def command_flags(config: TrainConfig) -> str:
     """The `birdgen train` flags that reproduce config's non-default settings."""
     defaults, flags = TrainConfig(), []
     for key, value in config.__dict__.items():
-        if getattr(defaults, key) == value or key == "progress":
+        if getattr(defaults, key) == value or key == "progress" or value is None:
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):
+            flags.append(f"{flag} {','.join(str(v) for v in value)}")
         else:
             flags.append(f"{flag} {value}")
     return " ".join(flags)

@@ -204,6 +204,21 @@ class BatchStream:
         return torch.cat(taken)
 
 
+def draw_batch(images: torch.Tensor, stream: BatchStream, generator: torch.Generator, num_steps: int,
+               local: slice = slice(None), channels_last: bool = True):
+    """The next (x0, t, noise) for this process. The whole global batch is drawn on every
+    process, then sliced, so any number of processes sees the same images, timesteps and
+    noise as a single one."""
+    device = images.device
+    batch = random_flip(to_model_range(images[stream.next().to(device)]), generator)
+    t = torch.randint(0, num_steps, (len(batch),), generator=generator)
+    noise = torch.randn(batch.shape, generator=generator)
+    x0, t, noise = batch[local], t[local].to(device), noise[local].to(device)
+    if channels_last:
+        x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
+    return x0, t, noise
+
+
 def lr_factor(config: TrainConfig, step: int) -> float:
     warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
     if config.lr_schedule == "cosine":
@@ -476,15 +491,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
     try:
         while step < config.steps and not stop_signal:
             started = time.perf_counter()
-            # The whole global batch is drawn on every process, then sliced, so any number
-            # of processes sees the same images, timesteps and noise as a single one.
-            batch = to_model_range(images[stream.next().to(device)])
-            batch = random_flip(batch, generator)
-            t = torch.randint(0, schedule.num_steps, (config.batch_size,), generator=generator)
-            noise = torch.randn(batch.shape, generator=generator)
-            x0, t, noise = batch[local], t[local].to(device), noise[local].to(device)
-            if config.channels_last:
-                x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
+            x0, t, noise = draw_batch(images, stream, generator, schedule.num_steps, local, config.channels_last)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 loss = loss_fn(trained, x0, t, noise)
             scaler.scale(loss).backward()

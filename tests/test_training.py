@@ -198,3 +198,20 @@ def test_two_gloo_processes_match_one_process_with_same_global_batch(tiny_cub, t
     assert moved > 0
     run_info = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert run_info["world_size"] == 2
+
+
+def test_export_writes_a_loadable_model_with_an_honest_card(tiny_cub, tmp_path):
+    from birdgen.checkpoint import load_model
+    from birdgen.cli import main
+
+    run = tmp_path / "run"
+    train(config(tiny_cub, steps=4, sample_count=4), run)
+    assert main(["export", str(run), "--to", str(tmp_path / "model"), "--heldout-batches", "1"]) == 0
+    model = load_model(tmp_path / "model")
+    assert model.network_config.channels == (8, 16) and model.diffusion_config.num_steps == 100
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "4 steps of batch 4 = 16 images seen" in card
+    assert "Noise-prediction MSE on 6 held-out crops" in card  # the fixture's official test images
+    assert "Not measured" in card and "--channels (8, 16)" not in card
+    assert "--channels 8,16" in card and "--no-progress" not in card
+    assert (tmp_path / "model" / "samples.png").is_file() and (tmp_path / "model" / "loss.png").is_file()

@@ -1,0 +1,90 @@
+"""Shared by the benchmarks: alternate two contenders, report medians and ratios, and say
+which machine (and what else was running on it) produced the numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from birdgen.utils import machine_description  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_CUB = REPO.parent / "shared" / "data" / "CUB_200_2011"
+
+
+def machine(device="cpu") -> str:
+    load = os.getloadavg()[0]
+    return f"{machine_description(device)}, {torch.get_num_threads()} torch threads, load average {load:.1f} at start"
+
+
+def alternate(contenders: dict, rounds: int, work_per_call: float, warmup: int = 1) -> dict[str, float]:
+    """Calls each contender `rounds` times in turn (A, B, A, B, …) after `warmup` calls each;
+    returns the median throughput (work_per_call / seconds) of each."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            started = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            samples[name].append(work_per_call / (time.perf_counter() - started))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+class RssPeak:
+    """Samples this process's resident memory every few ms; `growth_mb` is the peak above
+    the level at entry (what the measured work itself needed)."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s = interval_s
+        self.page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def rss_mb(self) -> float:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * self.page_mb
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss_mb())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        import threading
+
+        self.start = self.peak = self.rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss_mb())
+        self.growth_mb = self.peak - self.start
+
+
+def peak_rss_mb_in_child(script: str, *args: str) -> float:
+    """Runs `script args` in a fresh interpreter that prints a memory figure in MiB last."""
+    result = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True,
+                            cwd=REPO)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def save(name: str, record: dict) -> None:
+    out = REPO / "benchmarks" / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import METRICS_FILE, BirdModel, atomic_write_text
 from .data import CubCrops, cache_dir, to_uint8
-from .pipeline import GenerationRequest, generation_steps
+from .pipeline import GenerationRequest, generate
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -173,9 +173,8 @@ def evaluate(model: BirdModel, crops: CubCrops, settings: EvalSettings, extracto
     while done < settings.num_samples:
         count = min(settings.batch_size, settings.num_samples - done)
         request = GenerationRequest(settings.sampler, settings.steps, count, settings.seed + done, settings.eta)
-        for step in generation_steps(model, request):
-            pass
-        fake_chunks.append(extract_features(extractor, to_uint8(step.x), settings.batch_size, device))
+        images = generate(model, request).images
+        fake_chunks.append(extract_features(extractor, to_uint8(images), settings.batch_size, device))
         done += count
         if progress:
             progress("generated images", done, settings.num_samples)

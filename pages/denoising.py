@@ -2,7 +2,6 @@
 
 import pandas as pd
 import streamlit as st
-import torch
 
 from birdgen import ui
 from birdgen.data import DatasetError, load_crops

@@ -1,7 +1,6 @@
 """Every page under Streamlit's headless AppTest, on tiny models made by the tests."""
 
 import time
-from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest

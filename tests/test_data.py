@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 
 from birdgen.data import DatasetError, crop_box, load_crops, random_flip, read_metadata, summarize
-from conftest import make_cub
 
 
 def test_reads_fixture_and_crops_to_requested_size(tiny_cub):

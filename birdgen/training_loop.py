@@ -319,20 +319,27 @@ class MetricsLog:
     def __init__(self, path: Path, backend: str, config: TrainConfig, run_dir: Path):
         self.path = path
         self.backend = None
+        module = self.import_backend(backend)
         if backend == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise TrainingError("--log tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.backend = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.backend = module.SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         elif backend == "wandb":
-            try:
-                import wandb
-            except ImportError:
-                raise TrainingError("--log wandb needs the wandb package: pip install wandb"
-                                    " (set WANDB_MODE=offline to log without an account)") from None
-            self.backend = wandb.init(project="birdgen", name=run_dir.name, dir=str(run_dir), config=asdict(config),
-                                      resume="allow", id=run_dir.name)
+            self.backend = module.init(project="birdgen", name=run_dir.name, dir=str(run_dir), config=asdict(config),
+                                       resume="allow", id=run_dir.name)
+
+    @staticmethod
+    def import_backend(backend: str):
+        """The logging library for `backend`, or a one-line TrainingError saying how to get it."""
+        try:
+            if backend == "tensorboard":
+                import torch.utils.tensorboard as module
+            elif backend == "wandb":
+                import wandb as module
+            else:
+                return None
+        except ImportError:
+            hint = " (set WANDB_MODE=offline to log without an account)" if backend == "wandb" else ""
+            raise TrainingError(f"--log {backend} needs the {backend} package: pip install {backend}{hint}") from None
+        return module
 
     def truncate_after(self, step: int) -> None:
         """Drops lines logged after the checkpoint a run resumes from, so none are doubled."""
@@ -388,6 +395,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
     device = resolve_device(config.device, world.local_rank)
     if config.batch_size % world.world_size:
         raise TrainingError(f"batch_size {config.batch_size} is not divisible by the {world.world_size} processes")
+    MetricsLog.import_backend(config.log)
     if world.is_main:
         prepare_run_dir(run_dir, config, resume, overwrite)
     if world.world_size > 1:

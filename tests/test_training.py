@@ -215,3 +215,30 @@ def test_export_writes_a_loadable_model_with_an_honest_card(tiny_cub, tmp_path):
     assert "Not measured" in card and "--channels (8, 16)" not in card
     assert "--channels 8,16" in card and "--no-progress" not in card
     assert (tmp_path / "model" / "samples.png").is_file() and (tmp_path / "model" / "loss.png").is_file()
+
+
+def test_tensorboard_logging(tiny_cub, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(config(tiny_cub, steps=4, log="tensorboard"), tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [2, 4]
+    assert "images_per_s" in events.Tags()["scalars"]
+
+
+def test_missing_logging_backend_fails_before_training(tiny_cub, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(TrainingError, match="pip install wandb"):
+        train(config(tiny_cub, steps=2, log="wandb"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_wandb_offline_logging(tiny_cub, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(config(tiny_cub, steps=4, log="wandb"), tmp_path / "run")
+    offline_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))

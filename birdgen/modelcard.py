@@ -86,7 +86,7 @@ CUB-200-2011 crops ({config.crop} crops around the bounding box, {config.padding
 | diffusion | {config.schedule} schedule, {config.noise_steps} steps, {config.prediction} prediction{f', min-SNR-{config.min_snr_gamma:g} weighting' if config.min_snr_gamma else ''} |
 | data | {run.get('train_images', '?')} training crops from `{Path(config.data).name}` ({config.split} split, part `{config.train_on}`{f', {config.test_fraction:.0%} held out' if config.split == 'random' else ''}) |
 | training | {state['step']:,} steps of batch {config.batch_size} = {state['images_seen']:,} images seen, AdamW lr {config.lr:g}, EMA {config.ema_decay} |
-| wall time | {hours:.2f} h of training steps on {run.get('machine', 'unknown hardware')} |
+| wall time | {hours:.2f} h of training steps on {'; '.join([run.get('machine', 'unknown hardware'), *run.get('also_trained_on', [])])} |
 | final training loss | {final_loss:.4f} (mean of the last {min(10, len(records))} logged intervals) |
 | weights | EMA, {'float16 (loaded as float32)' if half else 'float32'} |
 

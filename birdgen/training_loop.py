@@ -451,12 +451,22 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
         atomic_write_text(run_dir / "config.json", json.dumps(asdict(config), indent=2) + "\n")
         log = MetricsLog(run_dir / "metrics.jsonl", config.log, config, run_dir)
         log.truncate_after(step)
+        machine = machine_description(device)
         if latest is None:
             (run_dir / "metrics.jsonl").write_text("")
             atomic_write_text(run_dir / "run.json", json.dumps({
-                "machine": machine_description(device), "parameters": parameter_count(model),
+                "machine": machine, "parameters": parameter_count(model),
                 "world_size": world.world_size, "train_images": len(train_indices),
                 **config_dict(network_config, diffusion_config)}, indent=2) + "\n")
+        else:
+            run_info = json.loads((run_dir / "run.json").read_text())
+            if machine not in [run_info.get("machine"), *run_info.get("also_trained_on", [])]:
+                run_info.setdefault("also_trained_on", []).append(machine)
+                atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2) + "\n")
+        if config.progress:
+            print(f"{parameter_count(model):,} parameters · {len(train_indices)} training images · global batch"
+                  f" {config.batch_size} = {world.world_size} process(es) × {config.batch_size // world.world_size}"
+                  f" · {machine} · {autocast_dtype or torch.float32}" + (f" · resuming at step {step}" if step else ""))
 
     trained = model
     if config.compile:

@@ -33,9 +33,9 @@ def main():
         page.goto(url, wait_until="networkidle")
         page.get_by_label("Model").click()
         page.get_by_role("option", name=args.model, exact=True).click()
-        generate_four_birds(page)  # warm-up: loads the model into the app's cache
-        for _ in range(args.runs):
-            browser_s.append(generate_four_birds(page))
+        generate_four_birds(page, seed=0)  # warm-up: loads the model into the app's cache
+        for run in range(1, args.runs + 1):
+            browser_s.append(generate_four_birds(page, seed=run))
             direct_s.append(generate(model, request).seconds)
     record = {"machine": description, "model": args.model, "request": "DDIM 10 steps, 4 images",
               "browser_seconds_median": statistics.median(browser_s), "browser_seconds": browser_s,

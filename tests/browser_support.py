@@ -68,21 +68,22 @@ def chromium():
             browser.close()
 
 
-def generate_four_birds(page, steps: int = 10) -> float:
-    """On the Generate page: DDIM at `steps` steps, 4 images, press Generate; returns the
-    seconds until the grid is on screen."""
+def generate_four_birds(page, steps: int = 10, seed: int = 0) -> float:
+    """On the Generate page: DDIM at `steps` steps, 4 images, `seed`, press Generate; returns
+    the seconds until that grid is on screen (a new seed tells it apart from an earlier grid)."""
     page.get_by_text("birdgen — generate birds").wait_for(timeout=60_000)
     page.get_by_role("slider").first.focus()  # DDIM's steps slider, which starts at 1
     page.keyboard.press("Home")
     for _ in range(steps - 1):
         page.keyboard.press("ArrowRight")
     page.get_by_text(str(steps), exact=True).first.wait_for(timeout=10_000)
-    images_field = page.get_by_label("Images")
-    images_field.fill("4")
-    images_field.press("Enter")
+    for label, value in (("Images", 4), ("Seed", seed)):
+        field = page.get_by_role("spinbutton", name=label)
+        field.fill(str(value))
+        field.press("Enter")
     page.wait_for_timeout(500)  # let the rerun for the new inputs settle
     pressed = time.perf_counter()
     page.get_by_role("button", name="Generate", exact=True).click()
-    page.get_by_text("4 images in").wait_for(timeout=120_000)
+    page.get_by_text(f"{steps} steps · seed {seed}").wait_for(timeout=120_000)
     page.locator("[data-testid='stImage'] img").first.wait_for(state="visible", timeout=30_000)
     return time.perf_counter() - pressed

@@ -14,6 +14,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -45,8 +46,9 @@ class BirdModel:
     diffusion_config: DiffusionConfig
     path: Path | None = None
 
-    @property
+    @cached_property
     def schedule(self) -> NoiseSchedule:
+        # Built once per model: every generation and every page rerun asks for it.
         return NoiseSchedule(self.diffusion_config)
 
     @property

@@ -45,6 +45,7 @@ class BirdModel:
     network_config: UNetConfig
     diffusion_config: DiffusionConfig
     path: Path | None = None
+    training: dict | None = None  # {"steps", "images_seen", "train_hours"} when exported from a run
 
     @cached_property
     def schedule(self) -> NoiseSchedule:
@@ -91,8 +92,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_config: UNetConfig,
-               diffusion_config: DiffusionConfig, half: bool = False, card: str | None = None) -> Path:
-    """Writes weights and config (each atomically) and the model card, if given."""
+               diffusion_config: DiffusionConfig, half: bool = False, card: str | None = None,
+               training: dict | None = None) -> Path:
+    """Writes weights and config (each atomically) and the model card, if given; `training` records how
+    much the weights were trained, so that comparisons can say when two models are not on equal footing."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if half else torch.float32
@@ -100,14 +103,16 @@ def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_conf
     temporary = folder / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
     save_file(tensors, str(temporary), metadata={"format": FORMAT})
     os.replace(temporary, folder / WEIGHTS_FILE)
-    atomic_write_text(folder / CONFIG_FILE, json.dumps(
-        config_dict(network_config, diffusion_config, weights_dtype=str(dtype).removeprefix("torch.")), indent=2) + "\n")
+    extra = {"weights_dtype": str(dtype).removeprefix("torch.")} | ({"training": training} if training else {})
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(config_dict(network_config, diffusion_config, **extra),
+                                                       indent=2) + "\n")
     if card is not None:
         atomic_write_text(folder / CARD_FILE, card)
     return folder
 
 
-def read_config(folder: Path) -> tuple[UNetConfig, DiffusionConfig]:
+def read_config(folder: Path) -> tuple[UNetConfig, DiffusionConfig, dict | None]:
+    """The network and diffusion settings of a model folder, and its training record if it has one."""
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise ModelError(f"{path}: missing model config (is {folder} a birdgen model folder?)")
@@ -124,7 +129,10 @@ def read_config(folder: Path) -> tuple[UNetConfig, DiffusionConfig]:
         raise ModelError(f"{path}: missing section {error}") from None
     except (TypeError, ValueError) as error:
         raise ModelError(f"{path}: {error}") from None
-    return network, diffusion
+    training = raw.get("training")
+    if training is not None and not isinstance(training, dict):
+        raise ModelError(f"{path}: 'training' must be an object, not {type(training).__name__}")
+    return network, diffusion, training
 
 
 def load_weights(path: Path, network: torch.nn.Module) -> None:
@@ -177,11 +185,11 @@ def resolve(path_or_hub_id: str | os.PathLike) -> Path:
 
 def load_model(path_or_hub_id: str | os.PathLike, device: str | torch.device = "cpu") -> BirdModel:
     folder = resolve(path_or_hub_id)
-    network_config, diffusion_config = read_config(folder)
+    network_config, diffusion_config, training = read_config(folder)
     model = build_model(network_config, diffusion_config, "cpu")
     load_weights(folder / WEIGHTS_FILE, model.network)
     model.network.to(device)
-    model.path = folder
+    model.path, model.training = folder, training
     return model
 
 

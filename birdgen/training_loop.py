@@ -466,7 +466,9 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
         if config.progress:
             print(f"{parameter_count(model):,} parameters · {len(train_indices)} training images · global batch"
                   f" {config.batch_size} = {world.world_size} process(es) × {config.batch_size // world.world_size}"
-                  f" · {machine} · {autocast_dtype or torch.float32}" + (f" · resuming at step {step}" if step else ""))
+                  f" · {machine} · {autocast_dtype or torch.float32}")
+        if latest is not None:
+            print(f"Resuming {run_dir} from {latest.name} at step {step}", flush=True)
 
     trained = model
     if config.compile:
@@ -604,4 +606,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = 
     config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
     network = UNet(config.network_config())
     network.load_state_dict(load_file(str(latest / "ema.safetensors")))
-    return save_model(out, network, config.network_config(), config.diffusion_config(), half=half, card=card)
+    state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)
+    training = {"steps": state["step"], "images_seen": state["images_seen"],
+                "train_hours": round(state["train_seconds"] / 3600, 2)}
+    return save_model(out, network, config.network_config(), config.diffusion_config(), half=half, card=card,
+                      training=training)

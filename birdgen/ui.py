@@ -104,7 +104,21 @@ def progress_callback(label: str = "Denoising"):
 
 
 def describe(model: BirdModel) -> str:
-    return f"{model.parameter_count:,} parameters · {machine_description(model.device)}"
+    trained = f" · trained on {model.training['images_seen']:,} images" if model.training else ""
+    return f"{model.parameter_count:,} parameters{trained} · {machine_description(model.device)}"
+
+
+def unequal_training(first: BirdModel, second: BirdModel, tolerance: float = 0.1) -> str | None:
+    """A warning when two models saw different amounts of training (or it is unknown), since then
+    the difference between their samples is not down to the networks alone."""
+    if first.training is None or second.training is None:
+        unknown = [m.name for m in (first, second) if m.training is None]
+        return f"How long {' and '.join(unknown)} trained is not recorded, so the comparison may not be like for like."
+    seen = first.training["images_seen"], second.training["images_seen"]
+    if abs(seen[0] - seen[1]) <= tolerance * max(seen):
+        return None
+    return (f"Not like for like: {first.name} was trained on {seen[0]:,} images and {second.name} on {seen[1]:,}, "
+            "so part of the difference comes from the longer training, not the network.")
 
 
 def stored_metrics_text(model: BirdModel) -> str:

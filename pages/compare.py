@@ -9,7 +9,7 @@ from birdgen.utils import grid_image
 
 st.title("⚖️ Compare models")
 st.markdown("Does self-attention help? Both models start from **exactly the same noise** and run the same "
-            "sampler, so any difference in the birds comes from the networks alone.")
+            "sampler, so with equal training any difference in the birds comes from the networks.")
 
 pickers = st.columns(2)
 with pickers[0]:
@@ -20,6 +20,8 @@ request = ui.sampler_controls("cmp", max_images=16, default_images=8)
 if left.network_config.image_size != right.network_config.image_size:
     st.error("These models make images of different sizes, so they cannot share the same noise.")
     st.stop()
+if warning := ui.unequal_training(left, right):
+    st.warning(warning)
 
 if st.button("Generate both", type="primary", key="compare"):
     noise, _ = initial_noise(request.num_images, left.network_config.image_size, request.seed, "cpu",

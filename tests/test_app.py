@@ -1,5 +1,6 @@
 """Every page under Streamlit's headless AppTest, on tiny models made by the tests."""
 
+import re
 import time
 
 import pytest
@@ -16,12 +17,20 @@ PAGES = REPO / "pages"
 @pytest.fixture
 def models(tmp_path, monkeypatch):
     folder = tmp_path / "models"
-    for name in ("small", "small-attn"):
+    for name, images_seen in (("small", 3200), ("small-attn", 6400)):
         model = build_model(preset(name, channels=(8, 16)), DiffusionConfig(num_steps=100))
-        save_model(folder / name, model.network, model.network_config, model.diffusion_config)
+        save_model(folder / name, model.network, model.network_config, model.diffusion_config,
+                   training={"steps": images_seen // 32, "images_seen": images_seen, "train_hours": 0.1})
     monkeypatch.setenv("BIRDGEN_MODELS_DIR", str(folder))
     monkeypatch.setenv("BIRDGEN_RUNS_DIR", str(tmp_path / "runs"))
     return folder
+
+
+def wait_for(condition, log_path, timeout_s=120):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not condition():
+        time.sleep(0.5)
+    assert condition(), log_path.read_text()
 
 
 def app(path) -> AppTest:
@@ -107,6 +116,9 @@ def test_compare_page_uses_same_noise(models):
     at.button(key="compare").click().run()
     assert not at.exception and len(at.get("image")) == 2
     assert sum("parameters" in c.value for c in at.caption) == 2
+    assert "small-attn was trained on 6,400 images and small on 3,200" in at.warning[0].value
+    at.selectbox(key="left").set_value("small").run()
+    assert not at.warning
 
 
 def test_metrics_page_lists_models_and_explains_missing_weights(models, tmp_path, monkeypatch):
@@ -134,16 +146,23 @@ def test_train_page_validates_then_starts_and_stops(models, tiny_cub, tmp_path):
     at.text_input[1].set_value("tiny")
     at.button[0].click().run()
     assert not at.exception and "Started training" in at.success[0].value
+    log_path = tmp_path / "runs" / "tiny.log"
     try:
-        deadline = time.time() + 120
-        run = tmp_path / "runs" / "tiny"
-        while time.time() < deadline and not (run / "run.json").is_file():
-            time.sleep(0.5)
-        log = (tmp_path / "runs" / "tiny.log").read_text()
-        assert (run / "run.json").is_file(), log
+        wait_for(lambda: (tmp_path / "runs" / "tiny" / "run.json").is_file(), log_path)
         at.run()
         assert any(b.label.startswith("Stop") for b in at.button)
     finally:
         at.button(key="stop").click().run()
     assert any(s.value == "Stopped." for s in at.success)
     assert (tmp_path / "runs" / "tiny" / "config.json").is_file()
+    stopped_at = re.findall(r"Stopped by signal at step (\d+)", log_path.read_text())[-1]
+
+    at.run()
+    at.button(key="resume").click().run()
+    assert not at.exception and at.success[0].value.startswith("Resumed")
+    try:
+        wait_for(lambda: "Resuming" in log_path.read_text(), log_path)
+    finally:
+        at.run()
+        at.button(key="stop").click().run()
+    assert f"from step-{int(stopped_at):07d} at step {stopped_at}" in log_path.read_text()

@@ -74,7 +74,9 @@ def test_config_that_does_not_match_weights(model_folder):
                                            ('{"format": "other"}', "not a birdgen model config"),
                                            ('{"format": "birdgen-model", "network": {}}', "missing section 'diffusion'"),
                                            ('{"format": "birdgen-model", "network": {"fins": 1}, "diffusion": {}}',
-                                            "unknown U-Net config keys: fins")])
+                                            "unknown U-Net config keys: fins"),
+                                           ('{"format": "birdgen-model", "network": {}, "diffusion": {},'
+                                            ' "training": 5}', "'training' must be an object, not int")])
 def test_bad_configs(model_folder, text, message):
     folder, _ = model_folder
     (folder / "config.json").write_text(text)

@@ -209,6 +209,7 @@ def test_export_writes_a_loadable_model_with_an_honest_card(tiny_cub, tmp_path):
     assert main(["export", str(run), "--to", str(tmp_path / "model"), "--heldout-batches", "1"]) == 0
     model = load_model(tmp_path / "model")
     assert model.network_config.channels == (8, 16) and model.diffusion_config.num_steps == 100
+    assert model.training["steps"] == 4 and model.training["images_seen"] == 16
     card = (tmp_path / "model" / "README.md").read_text()
     assert "4 steps of batch 4 = 16 images seen" in card
     assert "Noise-prediction MSE on 6 held-out crops" in card  # the fixture's official test images

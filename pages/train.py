@@ -15,7 +15,7 @@ from birdgen.training_loop import read_metrics
 st.title("🏋️ Train a model")
 st.markdown("Fill in the form to start `birdgen train` in the background (one run at a time). The loss curve, "
             "the latest sample grid and the log update below; **Stop** saves a checkpoint, **Resume** continues "
-            "from it. On a 2-core CPU expect about 15 images/s with the small presets.")
+            "from it. On a 2-core CPU expect about 15–30 images/s with the small presets, depending on the CPU.")
 
 job = current_job()
 with st.form("train"):

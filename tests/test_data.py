@@ -47,12 +47,12 @@ def test_grayscale_and_cmyk_become_rgb(tiny_cub):
     assert np.abs(gray[..., 0] - gray[..., 1]).max() <= 1
 
 
-def test_cache_is_reused_and_rebuilt_when_sources_change(tiny_cub, isolated_cache):
+def test_cache_is_reused_and_rebuilt_when_sources_change(tiny_cub, isolated_cache, monkeypatch):
     first = load_crops(tiny_cub, size=16, progress=False)
     assert first.cache_path.is_file() and isolated_cache in first.cache_path.parents
-    started = time.perf_counter()
-    again = load_crops(tiny_cub, size=16, progress=False)
-    assert time.perf_counter() - started < 1.0
+    with monkeypatch.context() as patch:
+        patch.setattr("birdgen.data.load_crop", lambda *args: pytest.fail("decoded a photo despite the cache"))
+        again = load_crops(tiny_cub, size=16, progress=False)
     assert again.cache_path == first.cache_path and np.array_equal(again.images, first.images)
     meta = read_metadata(tiny_cub)
     image = tiny_cub / "images" / meta.records[0].path
@@ -183,15 +183,15 @@ def test_not_a_folder(tmp_path):
         read_metadata(tmp_path / "nowhere")
 
 
-def test_real_partial_cub(real_cub):
+def test_real_partial_cub(real_cub, monkeypatch):
     crops = load_crops(real_cub, progress=False)
     assert len(crops) == 2889 and len(np.unique(crops.labels)) == 50
     assert crops.is_train.sum() == 1500
     text = summarize(crops)
     assert text.startswith("2889 images in 50 species (official split: 1500 train, 1389 test)")
-    started = time.perf_counter()
-    load_crops(real_cub, progress=False)
-    assert time.perf_counter() - started < 1.0
+    # The second load must come from the cache alone, without opening a single photo.
+    monkeypatch.setattr("birdgen.data.load_crop", lambda *args: pytest.fail("decoded a JPEG despite the cache"))
+    assert np.array_equal(load_crops(real_cub, progress=False).images, crops.images)
     # Birds are brighter in the middle than a random crop would be is too fragile; check
     # instead that crops are real photos: plenty of distinct colours, full dynamic range.
     assert crops.images.std() > 30 and len(np.unique(crops.images[0].reshape(-1, 3), axis=0)) > 500

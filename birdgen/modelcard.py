@@ -6,13 +6,11 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from .checkpoint import CARD_FILE, METRICS_FILE, atomic_write_text, load_model
 from .data import load_crops
 from .diffusion import heldout_loss
 from .samplers import DDIMSampler, initial_noise, run_to_end
-from .training_loop import Checkpoints, TrainConfig, export_run, read_metrics
+from .training_loop import TrainConfig, export_run, read_metrics
 from .utils import save_grid
 
 GRID_SEED = 0
@@ -38,10 +36,8 @@ def plot_loss(records: list[dict], path: Path) -> None:
 def export_with_card(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = True,
                      heldout_batches: int = 4) -> Path:
     run_dir, out = Path(run_dir), Path(out)
-    latest = Checkpoints(run_dir, 1).latest()
     export_run(run_dir, out, half=half)
     config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     model = load_model(out)
 
@@ -74,7 +70,7 @@ def export_with_card(run_dir: str | os.PathLike, out: str | os.PathLike, half: b
                         " Run `birdgen eval --model THIS_FOLDER --data CUB_200_2011` to add them.")
 
     final_loss = sum(r["loss"] for r in records[-10:]) / len(records[-10:]) if records else float("nan")
-    hours = state["train_seconds"] / 3600
+    trained = model.training  # written by export_run from the checkpoint
     card = f"""# {out.name}
 
 A birdgen diffusion model that generates {config.image_size}×{config.image_size} birds, trained on
@@ -85,8 +81,8 @@ CUB-200-2011 crops ({config.crop} crops around the bounding box, {config.padding
 | network | preset `{config.preset}`{'' if config.attention is None else f', attention {"on" if config.attention else "off"}'}, {model.parameter_count:,} parameters, self-attention at {', '.join(f'{r}×{r}' for r in model.network_config.attention_resolutions) or 'no resolution'} |
 | diffusion | {config.schedule} schedule, {config.noise_steps} steps, {config.prediction} prediction{f', min-SNR-{config.min_snr_gamma:g} weighting' if config.min_snr_gamma else ''} |
 | data | {run.get('train_images', '?')} training crops from `{Path(config.data).name}` ({config.split} split, part `{config.train_on}`{f', {config.test_fraction:.0%} held out' if config.split == 'random' else ''}) |
-| training | {state['step']:,} steps of batch {config.batch_size} = {state['images_seen']:,} images seen, AdamW lr {config.lr:g}, EMA {config.ema_decay} |
-| wall time | {hours:.2f} h of training steps on {'; '.join([run.get('machine', 'unknown hardware'), *run.get('also_trained_on', [])])} |
+| training | {trained['steps']:,} steps of batch {config.batch_size} = {trained['images_seen']:,} images seen, AdamW lr {config.lr:g}, EMA {config.ema_decay} |
+| wall time | {trained['train_hours']:.2f} h of training steps on {'; '.join([run.get('machine', 'unknown hardware'), *run.get('also_trained_on', [])])} |
 | final training loss | {final_loss:.4f} (mean of the last {min(10, len(records))} logged intervals) |
 | weights | EMA, {'float16 (loaded as float32)' if half else 'float32'} |
 

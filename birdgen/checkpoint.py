@@ -46,6 +46,7 @@ class BirdModel:
     diffusion_config: DiffusionConfig
     path: Path | None = None
     training: dict | None = None  # {"steps", "images_seen", "train_hours"} when exported from a run
+    data: dict | None = None  # the crops and split it trained on (see `training_loop.data_record`)
 
     @cached_property
     def schedule(self) -> NoiseSchedule:
@@ -69,10 +70,23 @@ class BirdModel:
         autocast = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
         return Denoiser(self.network, self.schedule, autocast_dtype=autocast, channels_last=True)
 
-    def metrics(self) -> dict | None:
-        if self.path is None or not (self.path / METRICS_FILE).is_file():
-            return None
-        return json.loads((self.path / METRICS_FILE).read_text())
+    def metrics(self) -> dict[str, dict]:
+        """Stored evaluations by feature space ({"mobilenet": {...}, "inception": {...}}), or {}."""
+        return read_metrics_file(self.path / METRICS_FILE) if self.path is not None else {}
+
+
+def read_metrics_file(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path}: expected an object of evaluations by feature space")
+    if "fid" in raw:  # written before feature spaces were recorded: always Inception
+        return {"inception": {"feature_space": "inception", **raw}}
+    return {space: result for space, result in raw.items() if isinstance(result, dict)}
 
 
 def build_model(network_config: UNetConfig, diffusion_config: DiffusionConfig, device="cpu") -> BirdModel:
@@ -93,9 +107,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_config: UNetConfig,
                diffusion_config: DiffusionConfig, half: bool = False, card: str | None = None,
-               training: dict | None = None) -> Path:
+               training: dict | None = None, data: dict | None = None) -> Path:
     """Writes weights and config (each atomically) and the model card, if given; `training` records how
-    much the weights were trained, so that comparisons can say when two models are not on equal footing."""
+    much the weights were trained, so that comparisons can say when two models are not on equal footing;
+    `data` records the crops and split, so that evaluation can find the crops the model never saw."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if half else torch.float32
@@ -103,7 +118,8 @@ def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_conf
     temporary = folder / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
     save_file(tensors, str(temporary), metadata={"format": FORMAT})
     os.replace(temporary, folder / WEIGHTS_FILE)
-    extra = {"weights_dtype": str(dtype).removeprefix("torch.")} | ({"training": training} if training else {})
+    extra = {"weights_dtype": str(dtype).removeprefix("torch.")} | ({"training": training} if training else {}) \
+        | ({"data": data} if data else {})
     atomic_write_text(folder / CONFIG_FILE, json.dumps(config_dict(network_config, diffusion_config, **extra),
                                                        indent=2) + "\n")
     if card is not None:
@@ -111,8 +127,9 @@ def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_conf
     return folder
 
 
-def read_config(folder: Path) -> tuple[UNetConfig, DiffusionConfig, dict | None]:
-    """The network and diffusion settings of a model folder, and its training record if it has one."""
+def read_config(folder: Path) -> tuple[UNetConfig, DiffusionConfig, dict]:
+    """The network and diffusion settings of a model folder, and its optional records
+    ({"training": …, "data": …}, each present only if the folder has it)."""
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise ModelError(f"{path}: missing model config (is {folder} a birdgen model folder?)")
@@ -129,10 +146,11 @@ def read_config(folder: Path) -> tuple[UNetConfig, DiffusionConfig, dict | None]
         raise ModelError(f"{path}: missing section {error}") from None
     except (TypeError, ValueError) as error:
         raise ModelError(f"{path}: {error}") from None
-    training = raw.get("training")
-    if training is not None and not isinstance(training, dict):
-        raise ModelError(f"{path}: 'training' must be an object, not {type(training).__name__}")
-    return network, diffusion, training
+    records = {key: raw[key] for key in ("training", "data") if raw.get(key) is not None}
+    for key, value in records.items():
+        if not isinstance(value, dict):
+            raise ModelError(f"{path}: '{key}' must be an object, not {type(value).__name__}")
+    return network, diffusion, records
 
 
 def load_weights(path: Path, network: torch.nn.Module) -> None:
@@ -185,11 +203,11 @@ def resolve(path_or_hub_id: str | os.PathLike) -> Path:
 
 def load_model(path_or_hub_id: str | os.PathLike, device: str | torch.device = "cpu") -> BirdModel:
     folder = resolve(path_or_hub_id)
-    network_config, diffusion_config, training = read_config(folder)
+    network_config, diffusion_config, records = read_config(folder)
     model = build_model(network_config, diffusion_config, "cpu")
     load_weights(folder / WEIGHTS_FILE, model.network)
     model.network.to(device)
-    model.path, model.training = folder, training
+    model.path, model.training, model.data = folder, records.get("training"), records.get("data")
     return model
 
 

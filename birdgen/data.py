@@ -219,6 +219,44 @@ class CubCrops:
         return to_model_range(torch.from_numpy(images))
 
 
+def ids_digest(image_ids: np.ndarray) -> str:
+    return hashlib.sha256(",".join(str(int(i)) for i in sorted(image_ids)).encode()).hexdigest()
+
+
+def split_record(crops: CubCrops, root: str | os.PathLike, crop: str, padding: float, split: str, seed: int,
+                 test_fraction: float, train_on: str) -> dict:
+    """What a model trained on, for its model folder: enough to rebuild its training and
+    held-out crops exactly from the same dataset (checked by a digest of the image ids)."""
+    train = crops.split_indices(split, "all" if train_on == "all" else "train", seed, test_fraction)
+    return {"dataset": Path(root).name, "num_images": len(crops), "image_size": int(crops.images.shape[1]),
+            "crop": crop, "padding": padding, "split": split, "seed": seed, "test_fraction": test_fraction,
+            "train_on": train_on, "num_train": len(train), "train_ids_sha256": ids_digest(crops.image_ids[train])}
+
+
+def recover_split(record: dict | None, crops: CubCrops, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, held-out indices) of `crops` for a model's split record; one-line
+    errors when the record is missing or the dataset cannot give back the same split."""
+    if not record:
+        raise DatasetError(f"{where}: the model folder does not record the crops it trained on (no 'data' in"
+                           " config.json; re-export it with `birdgen export`), so its held-out crops are unknown")
+    try:
+        if record["num_images"] != len(crops):
+            raise DatasetError(f"{where}: the model trained on a dataset of {record['num_images']} images; this one has"
+                               f" {len(crops)}, so its split cannot be rebuilt (use the dataset it was trained on)")
+        if record["train_on"] == "all":
+            raise DatasetError(f"{where}: the model trained on every image, so there are no held-out crops to"
+                               " compare with")
+        split = record["split"], record["seed"], record["test_fraction"]
+        train = crops.split_indices(split[0], "train", *split[1:])
+        heldout = crops.split_indices(split[0], "test", *split[1:])
+        if ids_digest(crops.image_ids[train]) != record["train_ids_sha256"]:
+            raise DatasetError(f"{where}: this dataset's {split[0]} split (seed {split[1]}) does not give the training"
+                               " images the model recorded; use the dataset it was trained on")
+    except (KeyError, TypeError) as error:
+        raise DatasetError(f"{where}: malformed 'data' record in config.json ({error!r})") from None
+    return train, heldout
+
+
 def to_model_range(images_uint8_nhwc: torch.Tensor) -> torch.Tensor:
     return images_uint8_nhwc.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 

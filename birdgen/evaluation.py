@@ -1,9 +1,9 @@
-"""KID and FID (torchmetrics) between generated birds and real crops.
+"""Sample quality and memorization: FD and KID (torchmetrics), precision and recall, and a
+nearest-neighbour copy check, all against the crops a model never trained on.
 
-Features are extracted once per image with one extractor (InceptionV3 pool features, the
-torch-fidelity weights that torchmetrics uses) and fed to both metrics; the real crops'
-features are cached per dataset settings, so a second evaluation only extracts the
-generated images.
+Features come from one extractor per evaluation (`birdgen.features`: InceptionV3 where its
+weights are present, else the offline MobileNetV1) and are computed once per image; the real
+crops' features are cached per dataset, split and extractor.
 """
 
 from __future__ import annotations
@@ -24,63 +24,23 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
-from .checkpoint import METRICS_FILE, BirdModel, atomic_write_text
-from .data import CubCrops, cache_dir, to_uint8
+from .checkpoint import METRICS_FILE, BirdModel, atomic_write_text, read_metrics_file
+from .data import CubCrops, cache_dir, recover_split, to_uint8
+from .features import FEATURE_LABELS, FEATURE_SPACES, INCEPTION_ENV, INCEPTION_FILE
 from .pipeline import GenerationRequest, generate
+from .utils import grid_image
 
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
-INCEPTION_ENV = "BIRDGEN_INCEPTION_WEIGHTS"
 KID_SUBSET_SIZE = 1000
+PRECISION_RECALL_K = 3  # Kynkäänniemi et al. 2019
+MIN_SAMPLES = 10
+NEAR_COPY_PERCENTILE = 1.0
+MEMORIZATION_PAIRS_FILE = "memorization.png"
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
-class InceptionWeightsMissing(FileNotFoundError):
-    pass
-
-
-def hub_weights_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-
-
-def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
-    """The InceptionV3 weights: an explicit path, $BIRDGEN_INCEPTION_WEIGHTS, or the torch hub cache."""
-    candidates = [Path(p) for p in (path, os.environ.get(INCEPTION_ENV)) if p]
-    for candidate in candidates:
-        if not candidate.is_file():
-            raise InceptionWeightsMissing(f"{candidate}: Inception weights file not found")
-        return candidate
-    if hub_weights_path().is_file():
-        return hub_weights_path()
-    raise InceptionWeightsMissing(
-        f"InceptionV3 weights for KID/FID not found: download {INCEPTION_URL} on a connected machine and put it at"
-        f" {hub_weights_path()} (or pass --inception-weights PATH, or set {INCEPTION_ENV})")
-
-
-class InceptionFeatures(nn.Module):
-    """uint8 NCHW images -> 2048 InceptionV3 pool features, exactly as torchmetrics' FID computes them."""
-
-    num_features = 2048
-
-    def __init__(self, weights: Path):
-        super().__init__()
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
-        self.network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                          feature_extractor_weights_path=str(weights))
-        self.identity = f"inception-v3-compat:{file_sha256(weights)}"
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(images).reshape(images.shape[0], -1)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+class EvaluationError(ValueError):
+    """Evaluation cannot run as asked; the message says why in one line."""
 
 
 class _Precomputed(nn.Module):
@@ -109,7 +69,8 @@ def extract_features(extractor: nn.Module, images_uint8_nhwc: np.ndarray | torch
 
 def kid_and_fid(real: torch.Tensor, fake: torch.Tensor, subset_size: int = KID_SUBSET_SIZE, subsets: int = 100,
                 seed: int = 0) -> dict:
-    """KID (mean, std over random subsets) and FID from two feature matrices (N, D)."""
+    """KID (mean, std over random subsets; the subset size fitted to the smaller set) and the
+    Fréchet distance from two feature matrices (N, D)."""
     dim = real.shape[1]
     size = min(subset_size, len(real), len(fake))
     if size < subset_size:
@@ -130,14 +91,100 @@ def kid_and_fid(real: torch.Tensor, fake: torch.Tensor, subset_size: int = KID_S
             "kid_subset_size": size, "kid_subsets": subsets}
 
 
+def kth_neighbour_radii(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance from each point to its k-th nearest other point of the same set."""
+    distances = torch.cdist(features, features)
+    return distances.kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = PRECISION_RECALL_K) -> dict:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the
+    union of balls reaching every point's k-th nearest neighbour; precision is the share of
+    generated points inside the real manifold, recall the share of real points inside the
+    generated one."""
+    if min(len(real), len(fake)) <= k:
+        raise EvaluationError(f"precision/recall with k={k} needs more than {k} images in each set"
+                              f" (got {len(real)} real, {len(fake)} generated)")
+    real, fake = real.double(), fake.double()
+    real_radii, fake_radii = kth_neighbour_radii(real, k), kth_neighbour_radii(fake, k)
+    cross = torch.cdist(fake, real)  # (fake, real)
+    precision = (cross <= real_radii[None, :]).any(dim=1).double().mean()
+    recall = (cross <= fake_radii[:, None]).any(dim=0).double().mean()
+    return {"precision": float(precision), "recall": float(recall), "precision_recall_k": k}
+
+
+def nearest(queries: torch.Tensor, references: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distance, index) of each query's nearest reference, in chunks to bound memory."""
+    distances, indices = [], []
+    for start in range(0, len(queries), chunk):
+        d = torch.cdist(queries[start:start + chunk].double(), references.double())
+        best = d.min(dim=1)
+        distances.append(best.values)
+        indices.append(best.indices)
+    return torch.cat(distances), torch.cat(indices)
+
+
+def pixel_vectors(images_uint8_nhwc: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Flattened pixels in [0, 1], so that distance / sqrt(H*W*3) is an RMS pixel difference."""
+    images = torch.as_tensor(images_uint8_nhwc)
+    return images.reshape(len(images), -1).double() / 255
+
+
+@dataclass
+class MemorizationSets:
+    """The features and pixels the copy check compares: training crops (with their mirror
+    images, since training flips), held-out crops, and generated images."""
+
+    train_pixels: torch.Tensor  # (2 * N_train, D): the crops, then their mirror images
+    train_features: torch.Tensor  # (2 * N_train, F), the same order
+    heldout_pixels: torch.Tensor
+    heldout_features: torch.Tensor
+    generated_pixels: torch.Tensor
+    generated_features: torch.Tensor
+
+
+def memorization_report(sets: MemorizationSets, percentile: float = NEAR_COPY_PERCENTILE) -> dict:
+    """How close generated images come to training crops, measured against how close unseen
+    real crops come. A model that generalises puts its samples about as far from the training
+    set as held-out photos are (median ratio near 1 or above); a copying model puts some far
+    closer than any held-out photo ("near-copies": closer than the held-out crops'
+    `percentile`-th percentile)."""
+    report: dict = {"near_copy_percentile": percentile}
+    found = {}
+    rms = np.sqrt(sets.train_pixels.shape[1])  # pixel distances as RMS differences in [0, 1]
+    for space, train, heldout, generated, scale in (
+            ("pixel", sets.train_pixels, sets.heldout_pixels, sets.generated_pixels, rms),
+            ("feature", sets.train_features, sets.heldout_features, sets.generated_features, 1.0)):
+        heldout_d = nearest(heldout, train)[0] / scale
+        generated_d, generated_i = nearest(generated, train)
+        generated_d = generated_d / scale
+        threshold = float(np.percentile(heldout_d.numpy(), percentile))
+        report[space] = {
+            "generated_median": float(generated_d.median()), "heldout_median": float(heldout_d.median()),
+            "median_ratio": float(generated_d.median() / heldout_d.median()),
+            "near_copy_threshold": threshold, "near_copy_fraction": float((generated_d < threshold).double().mean()),
+            "near_copies": int((generated_d < threshold).sum()),
+        }
+        found[space] = (generated_d, generated_i, generated_d < threshold)
+    flagged = found["pixel"][2] | found["feature"][2]  # a near-copy in either space
+    report["near_copy_fraction"], report["near_copies"] = float(flagged.double().mean()), int(flagged.sum())
+    distances, indices, _ = found["pixel"]
+    report["_closest"] = [(int(g), int(indices[g])) for g in distances.argsort()[:8]]
+    return report
+
+
 def real_features(crops: CubCrops, indices: np.ndarray, extractor: nn.Module, identity: str, batch_size: int,
-                  device, progress: Progress | None, cache: bool = True) -> torch.Tensor:
-    """Features of the real crops, cached by (crop cache, indices, extractor)."""
-    key = hashlib.sha256(json.dumps([str(crops.cache_path), indices.tolist(), identity]).encode()).hexdigest()[:20]
-    path = cache_dir() / "features" / f"real-{key}.npy"
+                  device, progress: Progress | None, mirrored: bool = False, cache: bool = True) -> torch.Tensor:
+    """Features of real crops (mirrored left-right if asked), cached by (crop cache, indices, extractor)."""
+    key = hashlib.sha256(json.dumps([str(crops.cache_path), indices.tolist(), identity, mirrored]).encode())
+    path = cache_dir() / "features" / f"real-{key.hexdigest()[:20]}.npy"
     if cache and crops.cache_path is not None and path.is_file():
         return torch.from_numpy(np.load(path))
-    features = extract_features(extractor, crops.images[indices], batch_size, device, progress, "real images")
+    images = crops.images[indices]
+    if mirrored:
+        images = np.ascontiguousarray(images[:, :, ::-1])
+    stage = "mirrored training crops" if mirrored else f"real crops ({len(indices)})"
+    features = extract_features(extractor, images, batch_size, device, progress, stage)
     if cache and crops.cache_path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}.npy")
@@ -148,62 +195,164 @@ def real_features(crops: CubCrops, indices: np.ndarray, extractor: nn.Module, id
 
 @dataclass
 class EvalSettings:
-    split: str = "test"  # "test", "train" or "all" of the official split
+    reference: str = "heldout"  # real crops to compare with: the model's "heldout" crops or its "train" crops
     num_samples: int = 1000
     sampler: str = "ddim"
     steps: int | None = 50
     eta: float = 0.0
     batch_size: int = 64
     seed: int = 0
+    memorization: bool = True
+
+    def validate(self) -> None:
+        if self.reference not in ("heldout", "train"):
+            raise EvaluationError(f"unknown reference split {self.reference!r}; choose heldout (the crops the model"
+                                  " never trained on) or train")
+        if self.num_samples < MIN_SAMPLES:
+            raise EvaluationError(f"num_samples {self.num_samples} is too few: FD, KID and precision/recall need at"
+                                  f" least {MIN_SAMPLES} generated images (1,000 or more for numbers worth comparing)")
+        if self.batch_size < 1:
+            raise EvaluationError(f"batch_size {self.batch_size} must be at least 1")
 
 
-def evaluate(model: BirdModel, crops: CubCrops, settings: EvalSettings, extractor: nn.Module, identity: str,
-             progress: Progress | None = None) -> dict:
-    """Generates settings.num_samples birds and scores them against the real crops."""
-    if settings.num_samples < 2:
-        raise ValueError(f"num_samples {settings.num_samples} must be at least 2")
-    if settings.batch_size < 1:
-        raise ValueError(f"batch_size {settings.batch_size} must be at least 1")
-    started = time.perf_counter()
-    device = model.device
-    extractor = extractor.to(device).eval()
-    indices = crops.split_indices("official", settings.split)
-    real = real_features(crops, indices, extractor, identity, settings.batch_size, device, progress)
-    fake_chunks, done = [], 0
+def generate_uint8(model: BirdModel, settings: EvalSettings, progress: Progress | None = None) -> torch.Tensor:
+    """settings.num_samples generated birds as uint8 NHWC, in seeded batches (seed + index of the first)."""
+    chunks, done = [], 0
     while done < settings.num_samples:
         count = min(settings.batch_size, settings.num_samples - done)
         request = GenerationRequest(settings.sampler, settings.steps, count, settings.seed + done, settings.eta)
-        images = generate(model, request).images
-        fake_chunks.append(extract_features(extractor, to_uint8(images), settings.batch_size, device))
+        chunks.append(to_uint8(generate(model, request).images))
         done += count
         if progress:
-            progress("generated images", done, settings.num_samples)
-    scores = kid_and_fid(real, torch.cat(fake_chunks), seed=settings.seed)
+            progress("generating", done, settings.num_samples)
+    return torch.cat(chunks)
+
+
+def evaluate(model: BirdModel, crops: CubCrops, settings: EvalSettings, extractor: nn.Module, identity: str,
+             feature_space: str, progress: Progress | None = None) -> dict:
+    """Generates settings.num_samples birds and scores them against the real crops of the
+    model's own split; returns the record `write_metrics` stores."""
+    settings.validate()
+    started = time.perf_counter()
+    where = str(model.path or model.name)
+    train_indices, heldout_indices = recover_split(model.data, crops, where)
+    reference = heldout_indices if settings.reference == "heldout" else train_indices
+    if len(reference) <= PRECISION_RECALL_K:
+        raise EvaluationError(f"{where}: only {len(reference)} {settings.reference} crops; precision/recall needs more"
+                              f" than {PRECISION_RECALL_K}")
+    device = model.device
+    extractor = extractor.to(device).eval()
+    features = {}
+
+    def crops_features(indices, mirrored=False):
+        return real_features(crops, indices, extractor, identity, settings.batch_size, device, progress, mirrored)
+
+    features["reference"] = crops_features(reference)
+    generated = generate_uint8(model, settings, progress)
+    features["generated"] = extract_features(extractor, generated, settings.batch_size, device, progress,
+                                             "generated images")
+    scores = {**kid_and_fid(features["reference"], features["generated"], seed=settings.seed),
+              **precision_recall(features["reference"], features["generated"])}
+    result = {"feature_space": feature_space, "feature_label": FEATURE_LABELS.get(feature_space, feature_space),
+              **scores, "num_real": len(reference), "num_generated": settings.num_samples,
+              "reference_split": describe_split(model.data, settings.reference, len(reference)), **asdict(settings),
+              "feature_extractor": identity, "model": model.name, "image_size": model.network_config.image_size}
+    if settings.memorization:
+        train_features = torch.cat([crops_features(train_indices), crops_features(train_indices, mirrored=True)])
+        train_images = crops.images[train_indices]
+        sets = MemorizationSets(
+            train_pixels=torch.cat([pixel_vectors(train_images), pixel_vectors(train_images[:, :, ::-1].copy())]),
+            train_features=train_features,
+            heldout_pixels=pixel_vectors(crops.images[heldout_indices]),
+            heldout_features=crops_features(heldout_indices), generated_pixels=pixel_vectors(generated),
+            generated_features=features["generated"])
+        report = memorization_report(sets)
+        closest = report.pop("_closest")
+        count = len(train_indices)
+        report["closest_pairs"] = [
+            {"generated_index": g, "train_image_id": int(crops.image_ids[train_indices[t % count]]),
+             "mirrored": t >= count} for g, t in closest]
+        report["num_train"], report["num_heldout"] = count, len(heldout_indices)
+        result["memorization"] = report
+        result["_pairs"] = [(generated[g], torch.from_numpy(sets_image(crops, train_indices, t))) for g, t in closest]
     import torchmetrics
 
-    return {**scores, "num_real": len(real), "num_generated": settings.num_samples, **asdict(settings),
-            "feature_extractor": identity, "model": model.name, "image_size": model.network_config.image_size,
-            "torch": torch.__version__, "torchmetrics": torchmetrics.__version__,
-            "wall_time_s": round(time.perf_counter() - started, 1)}
+    result.update({"torch": torch.__version__, "torchmetrics": torchmetrics.__version__,
+                   "wall_time_s": round(time.perf_counter() - started, 1)})
+    return result
+
+
+def sets_image(crops: CubCrops, train_indices: np.ndarray, index: int) -> np.ndarray:
+    """The training crop behind row `index` of MemorizationSets.train_* (mirrored in the second half)."""
+    image = crops.images[train_indices[index % len(train_indices)]]
+    return np.ascontiguousarray(image[:, ::-1]) if index >= len(train_indices) else image
+
+
+def describe_split(record: dict, reference: str, count: int) -> str:
+    part = "held-out" if reference == "heldout" else "training"
+    if record["split"] == "random":
+        return (f"{count} {part} crops of {record['dataset']} (random split, seed {record['seed']},"
+                f" {record['test_fraction']:.0%} held out)")
+    return f"{count} {part} crops of {record['dataset']} (official train/test split)"
 
 
 def write_metrics(model: BirdModel, metrics: dict) -> Path:
+    """Stores one evaluation in the model folder's metrics.json under its feature space (other
+    feature spaces' results stay), and the closest generated/training pairs as a PNG."""
     path = model.path / METRICS_FILE
-    atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
+    pairs = metrics.pop("_pairs", None)
+    stored = read_metrics_file(path)
+    stored[metrics["feature_space"]] = metrics
+    atomic_write_text(path, json.dumps(stored, indent=2) + "\n")
+    if pairs:
+        save_pairs(pairs, model.path / MEMORIZATION_PAIRS_FILE)
     return path
 
 
+def save_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
+    """Each generated image (top row) above its nearest training crop (bottom row)."""
+    top = torch.stack([g for g, _ in pairs])
+    bottom = torch.stack([t for _, t in pairs])
+    temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    grid_image(torch.cat([top, bottom]), columns=len(pairs)).save(temporary)
+    os.replace(temporary, path)
+
+
+def short_summary(metrics: dict) -> str:
+    precision = f" · P {metrics['precision']:.2f} / R {metrics['recall']:.2f}" if "precision" in metrics else ""
+    return (f"FD {metrics['fid']:.1f} · KID {metrics['kid_mean']:.3f}{precision} in {metrics['feature_space']} features"
+            f" ({metrics['num_generated']} images, {metrics['sampler']} {metrics['steps']})")
+
+
+def summary(metrics: dict) -> str:
+    """One line: the numbers with their feature space."""
+    text = (f"FD {metrics['fid']:.2f} · KID {metrics['kid_mean']:.4f} ± {metrics['kid_std']:.4f} · precision"
+            f" {metrics['precision']:.2f} · recall {metrics['recall']:.2f} in {metrics['feature_space']} features"
+            f" ({metrics['num_generated']} generated vs {metrics['num_real']} real, {metrics['sampler']}"
+            f" {metrics['steps']} steps)")
+    memo = metrics.get("memorization")
+    if memo:
+        text += (f" · memorization: median distance ratio {memo['pixel']['median_ratio']:.2f} (pixels),"
+                 f" {memo['feature']['median_ratio']:.2f} (features), near-copies {memo['near_copy_fraction']:.1%}")
+    return text
+
+
 def add_eval_parser(commands) -> None:
-    parser = commands.add_parser("eval", help="KID and FID of a model against the real crops")
+    parser = commands.add_parser("eval", help="FD/KID, precision/recall and a memorization check against real crops")
     parser.add_argument("--model", required=True, help="model folder or Hub id")
-    parser.add_argument("--data", required=True, help="CUB_200_2011 folder")
-    parser.add_argument("--split", choices=("test", "train", "all"), default="test")
-    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--data", required=True, help="the CUB_200_2011 folder the model trained on")
+    parser.add_argument("--features", choices=("auto", *FEATURE_SPACES), default="auto",
+                        help="inception (standard FID weights, needed once) or mobilenet (ships with birdgen, offline);"
+                             " auto: inception where its weights are present, else mobilenet")
+    parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                        help="real crops to compare with: the model's held-out crops (default) or its training crops")
+    parser.add_argument("--num-samples", type=int, default=1000, help=f"generated images (at least {MIN_SAMPLES})")
     parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp"), default="ddim")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-memorization", action="store_true", help="skip the nearest-training-crop check")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--inception-weights", help=f"path to {INCEPTION_FILE} (else ${INCEPTION_ENV} or the torch hub cache)")
     parser.set_defaults(handler=cmd_eval)
@@ -212,24 +361,36 @@ def add_eval_parser(commands) -> None:
 def cmd_eval(args) -> int:
     from .checkpoint import load_model
     from .data import load_crops
+    from .features import choose_feature_space, load_extractor
+    from .modelcard import update_card_quality
     from .utils import pick_device
 
-    weights = find_inception_weights(args.inception_weights)  # fail before any work starts
+    settings = EvalSettings(args.split, args.num_samples, args.sampler, args.steps, args.eta, args.batch_size,
+                            args.seed, not args.no_memorization)
+    settings.validate()
+    feature_space, note = choose_feature_space(args.features, args.inception_weights)  # fails before any work
+    print(note)
+    extractor = load_extractor(feature_space, args.inception_weights)
     device = pick_device(args.device)
     model = load_model(args.model, device)
-    crops = load_crops(args.data, model.network_config.image_size)
-    extractor = InceptionFeatures(weights)
-    settings = EvalSettings(args.split, args.num_samples, args.sampler, args.steps, args.eta, args.batch_size, args.seed)
+    record = model.data or {}
+    crops = load_crops(args.data, model.network_config.image_size, record.get("crop", "square"),
+                       record.get("padding", 0.1))
+    recover_split(model.data, crops, args.model)  # a wrong dataset fails before generating anything
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
         bar = bars.setdefault(stage, tqdm(total=total, desc=stage.capitalize(), unit="img"))
         bar.update(done - bar.n)
 
-    metrics = evaluate(model, crops, settings, extractor, extractor.identity, progress)
+    metrics = evaluate(model, crops, settings, extractor, extractor.identity, feature_space, progress)
     for bar in bars.values():
         bar.close()
-    path = write_metrics(model, metrics) if Path(args.model).is_dir() else None  # never into the Hub cache
-    print(f"KID {metrics['kid_mean']:.4f} ± {metrics['kid_std']:.4f}  FID {metrics['fid']:.2f}"
-          f"  ({metrics['num_generated']} generated vs {metrics['num_real']} real; wrote {path})")
+    if Path(args.model).is_dir():  # never into the Hub cache
+        path = write_metrics(model, metrics)
+        update_card_quality(model.path)
+        print(f"{summary(metrics)}\nwrote {path}")
+    else:
+        metrics.pop("_pairs", None)
+        print(summary(metrics))
     return 0

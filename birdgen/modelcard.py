@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from .checkpoint import CARD_FILE, METRICS_FILE, atomic_write_text, load_model
-from .data import load_crops
+from .checkpoint import CARD_FILE, METRICS_FILE, atomic_write_text, load_model, read_metrics_file
+from .data import load_crops, split_record
 from .diffusion import heldout_loss
 from .samplers import DDIMSampler, initial_noise, run_to_end
 from .training_loop import TrainConfig, export_run, read_metrics
@@ -36,8 +36,10 @@ def plot_loss(records: list[dict], path: Path) -> None:
 def export_with_card(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = True,
                      heldout_batches: int = 4) -> Path:
     run_dir, out = Path(run_dir), Path(out)
-    export_run(run_dir, out, half=half)
     config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    crops = load_crops(config.data, config.image_size, config.crop, config.padding, progress=False)
+    export_run(run_dir, out, half=half, data=split_record(crops, config.data, config.crop, config.padding, config.split,
+                                                           config.seed, config.test_fraction, config.train_on))
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     model = load_model(out)
 
@@ -50,7 +52,6 @@ def export_with_card(run_dir: str | os.PathLike, out: str | os.PathLike, half: b
 
     heldout_text = "No held-out crops: this model was trained on every image (train_on = all)."
     if config.train_on == "train":
-        crops = load_crops(config.data, config.image_size, config.crop, config.padding, progress=False)
         held = crops.split_indices(config.split, "test", config.seed, config.test_fraction)[: 64 * heldout_batches]
         losses = heldout_loss(model.network, model.schedule, crops.tensor(held))
         steps = list(losses)
@@ -59,15 +60,6 @@ def export_with_card(run_dir: str | os.PathLike, out: str | os.PathLike, half: b
                         + " | mean |\n|---|" + "---|" * (len(steps) + 1) + "\n| MSE | "
                         + " | ".join(f"{losses[t]:.4f}" for t in steps)
                         + f" | {sum(losses.values()) / len(losses):.4f} |")
-
-    metrics_path = out / METRICS_FILE
-    if metrics_path.is_file():
-        m = json.loads(metrics_path.read_text())
-        metrics_text = (f"KID {m['kid_mean']:.4f} ± {m['kid_std']:.4f}, FID {m['fid']:.2f} ({m['num_generated']} generated"
-                        f" vs {m['num_real']} real {m['split']} crops, {m['sampler']} {m['steps']} steps).")
-    else:
-        metrics_text = ("Not measured: the InceptionV3 weights were not available where this model was exported."
-                        " Run `birdgen eval --model THIS_FOLDER --data CUB_200_2011` to add them.")
 
     final_loss = sum(r["loss"] for r in records[-10:]) / len(records[-10:]) if records else float("nan")
     trained = model.training  # written by export_run from the checkpoint
@@ -95,8 +87,7 @@ birdgen train --out {run_dir} {command_flags(config)}
 ## Held-out denoising loss
 {heldout_text}
 
-## KID / FID
-{metrics_text}
+{quality_section(read_metrics_file(out / METRICS_FILE), out)}
 
 ## Samples
 DDIM, 50 steps, seed {GRID_SEED}:
@@ -124,3 +115,59 @@ def command_flags(config: TrainConfig) -> str:
         else:
             flags.append(f"{flag} {value}")
     return " ".join(flags)
+
+
+QUALITY_HEADING = "## Quality"
+
+
+def quality_section(evaluations: dict[str, dict], folder: Path) -> str:
+    """The card's quality section: each stored evaluation with its feature space, and the
+    memorization check; "not measured" with the command when there is none."""
+    lines = [QUALITY_HEADING]
+    if not evaluations:
+        lines.append("Not measured yet. Run `birdgen eval --model THIS_FOLDER --data CUB_200_2011` (works offline with"
+                     " the MobileNet features that ship with birdgen).")
+        return "\n".join(lines) + "\n"
+    lines += ["", "| features | generated | real crops | sampler | FD | KID | precision | recall |",
+              "|---|---|---|---|---|---|---|---|"]
+    for space, m in sorted(evaluations.items()):
+        precision = f"{m['precision']:.3f}" if "precision" in m else "–"
+        recall = f"{m['recall']:.3f}" if "recall" in m else "–"
+        lines.append(f"| {m.get('feature_label', space)} | {m['num_generated']:,} | {m.get('reference_split', m.get('split'))}"
+                     f" | {m['sampler']} {m['steps']} | {m['fid']:.2f} | {m['kid_mean']:.4f} ± {m['kid_std']:.4f}"
+                     f" | {precision} | {recall} |")
+    if "mobilenet" in evaluations:
+        lines += ["", "MobileNet distances are on their own scale: they are not comparable with published Inception FIDs"
+                      " (such as the original report's 92.47). Compare them only with other MobileNet numbers at the same"
+                      " image counts."]
+    memo = next((m["memorization"] for m in evaluations.values() if m.get("memorization")), None)
+    if memo:
+        lines += ["", "### Memorization check",
+                  f"Distance from each generated image to its nearest training crop (of {memo['num_train']:,}, mirrored"
+                  f" ones included), against the same distance for {memo['num_heldout']:,} held-out crops:", "",
+                  "| space | generated (median) | held-out (median) | ratio | near-copies |", "|---|---|---|---|---|"]
+        for space, label in (("pixel", "pixels (RMS, 0–1)"), ("feature", "features")):
+            r = memo[space]
+            lines.append(f"| {label} | {r['generated_median']:.4f} | {r['heldout_median']:.4f} | {r['median_ratio']:.2f} |"
+                         f" {r['near_copies']} ({r['near_copy_fraction']:.1%}) |")
+        lines += ["", f"A near-copy is a generated image closer to a training crop than {memo['near_copy_percentile']:g}%"
+                      " of held-out crops are. In total, in either space:"
+                      f" {memo['near_copies']} ({memo['near_copy_fraction']:.1%})."]
+        if (folder / "memorization.png").is_file():
+            lines += ["", "The closest generated images (top) and their nearest training crops (bottom):", "",
+                      "![closest pairs](memorization.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def update_card_quality(folder: Path) -> None:
+    """Rewrites the quality section of a model card from metrics.json (appends one if missing)."""
+    path = Path(folder) / CARD_FILE
+    section = quality_section(read_metrics_file(Path(folder) / METRICS_FILE), Path(folder))
+    card = path.read_text() if path.is_file() else f"# {Path(folder).name}\n"
+    start = next((card.index(h) for h in (QUALITY_HEADING + "\n", "## KID / FID\n") if h in card), None)
+    if start is None:
+        card = card.rstrip("\n") + "\n\n" + section
+    else:
+        following = card.find("\n## ", start + 1)
+        card = card[:start] + section + ("\n" + card[following + 1:] if following != -1 else "")
+    atomic_write_text(path, card)

@@ -597,8 +597,9 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = True, card: str | None = None) -> Path:
-    """Writes the latest checkpoint's EMA weights as a model folder."""
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = True, card: str | None = None,
+               data: dict | None = None) -> Path:
+    """Writes the latest checkpoint's EMA weights as a model folder (with `data`, the split record)."""
     run_dir = Path(run_dir)
     latest = Checkpoints(run_dir, 1).latest()
     if latest is None:
@@ -610,4 +611,4 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = 
     training = {"steps": state["step"], "images_seen": state["images_seen"],
                 "train_hours": round(state["train_seconds"] / 3600, 2)}
     return save_model(out, network, config.network_config(), config.diffusion_config(), half=half, card=card,
-                      training=training)
+                      training=training, data=data)

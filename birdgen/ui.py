@@ -10,7 +10,7 @@ from pathlib import Path
 import streamlit as st
 import torch
 
-from .checkpoint import CONFIG_FILE, BirdModel, ModelError, load_model
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, BirdModel, ModelError, load_model
 from .pipeline import MAX_IMAGES, GenerationRequest
 from .samplers import SAMPLERS
 from .utils import machine_description
@@ -42,10 +42,17 @@ def available_models() -> list[Path]:
     return sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file())
 
 
-@st.cache_resource(show_spinner="Loading model…")
 def cached_model(path: str, device_name: str) -> BirdModel:
-    # Shared by every session: sampling only reads the weights, and each run has its own
-    # generator and tensors, so concurrent tabs do not interfere.
+    """The model folder at `path`, loaded once and shared by every session (sampling only reads
+    the weights, and each run has its own generator and tensors); loaded again when its config
+    or weights change on disk, e.g. after a re-export."""
+    stamps = tuple((Path(path) / name).stat().st_mtime_ns if (Path(path) / name).exists() else 0
+                   for name in (CONFIG_FILE, WEIGHTS_FILE))
+    return _load_cached(path, device_name, stamps)
+
+
+@st.cache_resource(show_spinner="Loading model…", max_entries=16)
+def _load_cached(path: str, device_name: str, stamps: tuple[int, int]) -> BirdModel:
     return load_model(path, device_name)
 
 
@@ -122,8 +129,33 @@ def unequal_training(first: BirdModel, second: BirdModel, tolerance: float = 0.1
 
 
 def stored_metrics_text(model: BirdModel) -> str:
-    metrics = model.metrics()
-    if not metrics:
-        return "KID/FID: not measured yet (see the Metrics page)."
-    return (f"KID {metrics['kid_mean']:.4f} ± {metrics['kid_std']:.4f} · FID {metrics['fid']:.1f} "
-            f"({metrics['num_generated']} images, {metrics['sampler']} {metrics['steps']} steps)")
+    """The model's stored quality numbers, each with its feature space, on one line."""
+    from .evaluation import short_summary
+
+    evaluations = model.metrics()
+    if not evaluations:
+        return "Quality: not measured yet (see the Metrics page)."
+    return " · ".join(short_summary(m) for _, m in sorted(evaluations.items()))
+
+
+def metrics_rows(paths: list[Path]) -> tuple[list[dict], list[str]]:
+    """One table row per (model, feature space) with every stored figure, and a warning per
+    model folder that cannot be read."""
+    rows, problems = [], []
+    for path in paths:
+        try:
+            evaluations = cached_model(str(path), str(device())).metrics()
+        except ModelError as error:
+            problems.append(f"{path.name}: {error}")
+            continue
+        if not evaluations:
+            rows.append({"model": path.name, "features": "not measured"})
+        for space, m in sorted(evaluations.items()):
+            memo = m.get("memorization") or {}
+            rows.append({"model": path.name, "features": space, "FD": m["fid"], "KID": m["kid_mean"],
+                         "KID ± std": m["kid_std"], "precision": m.get("precision"), "recall": m.get("recall"),
+                         "copy ratio (pixels)": memo.get("pixel", {}).get("median_ratio"),
+                         "near-copies": memo.get("near_copy_fraction"), "sampler": f"{m['sampler']} {m['steps']}",
+                         "generated": m["num_generated"], "real": m["num_real"],
+                         "real crops": m.get("reference_split", m.get("split"))})
+    return rows, problems

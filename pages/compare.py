@@ -14,8 +14,10 @@ st.markdown("Does self-attention help? Both models start from **exactly the same
 pickers = st.columns(2)
 with pickers[0]:
     left = ui.model_picker("Left model", key="left", prefer="small-attn")
+    st.caption(ui.stored_metrics_text(left))
 with pickers[1]:
     right = ui.model_picker("Right model", key="right", prefer="small")
+    st.caption(ui.stored_metrics_text(right))
 request = ui.sampler_controls("cmp", max_images=16, default_images=8)
 if left.network_config.image_size != right.network_config.image_size:
     st.error("These models make images of different sizes, so they cannot share the same noise.")
@@ -38,4 +40,3 @@ if "comparison" in st.session_state:
         column.subheader(name)
         column.image(image, width=420)
         column.caption(f"{seconds:.1f} s · {ui.describe(model)}")
-        column.caption(ui.stored_metrics_text(model))

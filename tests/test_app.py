@@ -121,16 +121,44 @@ def test_compare_page_uses_same_noise(models):
     assert not at.warning
 
 
-def test_metrics_page_lists_models_and_explains_missing_weights(models, tmp_path, monkeypatch):
+def test_metrics_page_lists_models_and_evaluates_offline(models, tiny_cub, tmp_path, monkeypatch):
+    import json
+
+    from birdgen.data import load_crops, split_record
+
     (models / "small" / "metrics.json").write_text(
         '{"kid_mean": 0.2, "kid_std": 0.01, "fid": 90.0, "sampler": "ddim", "steps": 50, "num_generated": 100,'
-        ' "num_real": 200, "split": "test"}')
+        ' "num_real": 200, "split": "test"}')  # the format written before feature spaces were recorded
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv("BIRDGEN_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("BIRDGEN_DATA", str(tiny_cub))
     at = app(PAGES / "metrics.py")
     table = at.dataframe[0].value
-    assert list(table["model"]) == ["small", "small-attn"] and table["FID"].iloc[0] == 90.0
-    assert any("InceptionV3 weights" in i.value for i in at.info)
+    assert list(table["model"]) == ["small", "small-attn"] and table["FD"].iloc[0] == 90.0
+    assert list(table["features"]) == ["inception", "not measured"]
+
+    at.selectbox(key="eval_model").set_value("small-attn")
+    at.number_input[0].set_value(10)
+    at.slider[0].set_value(5)
+    at.button(key="evaluate").click().run()
+    assert "does not record the crops it trained on" in at.error[0].value  # no split record: refused, no traceback
+
+    config = json.loads((models / "small-attn" / "config.json").read_text())
+    crops = load_crops(tiny_cub, 64, progress=False)
+    config["data"] = split_record(crops, tiny_cub, "square", 0.1, "random", 0, 0.3, "train")
+    (models / "small-attn" / "config.json").write_text(json.dumps(config))
+    at = app(PAGES / "metrics.py")
+    at.selectbox(key="eval_model").set_value("small-attn")
+    at.number_input[0].set_value(10)
+    at.slider[0].set_value(5)
+    at.button(key="evaluate").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("MobileNetV1 (offline)" in i.value for i in at.info)
+    assert "in mobilenet features" in at.success[0].value
+    assert "mobilenet" in json.loads((models / "small-attn" / "metrics.json").read_text())
+    at = app(PAGES / "metrics.py")
+    assert list(at.dataframe[0].value["features"]) == ["inception", "mobilenet"]
+    assert len(at.get("image")) == 1  # the closest generated/training pairs
 
 
 def test_train_page_validates_then_starts_and_stops(models, tiny_cub, tmp_path):

@@ -125,3 +125,28 @@ def test_offline_download_fails_at_once_with_instructions(tmp_path, capsys, monk
     assert main(["data", "download", "--dest", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "by hand" in err and str(tmp_path / "CUB_200_2011.tgz") in err
+
+
+def test_eval_with_mobilenet_features_runs_offline_and_writes_every_figure(tiny_cub, tmp_path, capsys, monkeypatch):
+    import json
+
+    from birdgen.data import load_crops, split_record
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    crops = load_crops(tiny_cub, size=16, progress=False)
+    model = build_model(preset("small", channels=(8, 16), image_size=16), DiffusionConfig(num_steps=50))
+    save_model(tmp_path / "m", model.network, model.network_config, model.diffusion_config, card="# m\n",
+               data=split_record(crops, tiny_cub, "square", 0.1, "random", 0, 0.3, "train"))
+    args = ["eval", "--model", str(tmp_path / "m"), "--data", str(tiny_cub), "--num-samples", "12", "--steps", "2",
+            "--features", "mobilenet", "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "in mobilenet features" in out and "near-copies" in out
+    stored = json.loads((tmp_path / "m" / "metrics.json").read_text())["mobilenet"]
+    for key in ("fid", "kid_mean", "kid_std", "precision", "recall", "memorization", "reference_split", "seed",
+                "sampler", "steps", "num_generated", "num_real", "feature_extractor"):
+        assert key in stored
+    assert stored["feature_extractor"].startswith("mobilenet-v1") and stored["num_generated"] == 12
+    assert "MobileNet distances are on their own scale" in (tmp_path / "m" / "README.md").read_text()
+    assert main(args[:5] + ["--num-samples", "3"]) == 2
+    assert "num_samples 3 is too few" in capsys.readouterr().err

@@ -9,11 +9,15 @@ import torch
 from scipy import linalg
 
 from birdgen.checkpoint import build_model, load_model, save_model
-from birdgen.data import load_crops
+from birdgen.data import DatasetError, load_crops, split_record
 from birdgen.diffusion import DiffusionConfig
-from birdgen.evaluation import (EvalSettings, InceptionWeightsMissing, evaluate, find_inception_weights, hub_weights_path,
-                                kid_and_fid, write_metrics)
+from birdgen.evaluation import (EvalSettings, EvaluationError, MemorizationSets, evaluate, extract_features, kid_and_fid,
+                                memorization_report, pixel_vectors, precision_recall, write_metrics)
+from birdgen.features import InceptionWeightsMissing, find_inception_weights, hub_weights_path
+from birdgen.modelcard import update_card_quality
 from birdgen.networks import preset
+
+from conftest import make_cub
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -77,27 +81,134 @@ class ColourStatistics(torch.nn.Module):
         return torch.cat([x.flatten(1), (x - x.mean((2, 3), keepdim=True)).abs().flatten(1)], 1)
 
 
-def test_evaluate_end_to_end_writes_metrics_and_caches_real_features(tiny_cub, tmp_path, isolated_cache):
+def precision_recall_reference(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    """Kynkäänniemi et al. 2019 with plain loops: a point is covered by a set when it lies within
+    some member's distance to that member's k-th nearest neighbour in its own set."""
+    def radii(points):
+        return np.array([np.sort(np.linalg.norm(points - p, axis=1))[k] for p in points])
+
+    def covered(points, members, member_radii):
+        return np.mean([any(np.linalg.norm(p - m) <= r for m, r in zip(members, member_radii)) for p in points])
+
+    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+
+def test_precision_and_recall_agree_with_a_plain_reference(features):
+    real, fake = features
+    real, fake = real[:120], fake[:90]
+    ours = precision_recall(torch.from_numpy(real), torch.from_numpy(fake), k=3)
+    precision, recall = precision_recall_reference(real, fake, 3)
+    assert ours["precision"] == pytest.approx(precision) and ours["recall"] == pytest.approx(recall)
+    assert 0 < ours["precision"] < 1 and 0 < ours["recall"] < 1
+    same = precision_recall(torch.from_numpy(real), torch.from_numpy(real.copy()))
+    assert same["precision"] == 1 and same["recall"] == 1
+    narrow = precision_recall(torch.from_numpy(real), torch.from_numpy(real[:, :] * 0.05))  # mode collapse
+    assert narrow["precision"] > 0.9 and narrow["recall"] < 0.3
+    with pytest.raises(EvaluationError, match="needs more than 3 images"):
+        precision_recall(torch.from_numpy(real[:3]), torch.from_numpy(fake))
+
+
+def smooth_images(count: int, seed: int, size: int = 16) -> np.ndarray:
+    """Photo-like uint8 images: random 4x4 colour fields upsampled, so neighbours are meaningful."""
+    low = torch.from_numpy(np.random.default_rng(seed).random((count, 3, 4, 4))).float()
+    images = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def test_memorization_flags_exact_and_mirrored_copies_but_not_unseen_photos():
+    train, heldout, unseen = smooth_images(300, 0), smooth_images(60, 1), smooth_images(60, 2)
+    generated = np.concatenate([train[:1], train[1:2, :, ::-1], unseen])  # a copy, a mirrored copy, 60 new
+    extractor = ColourStatistics()
+
+    def feats(images):
+        return extract_features(extractor, np.ascontiguousarray(images))
+
+    mirrored = np.ascontiguousarray(train[:, :, ::-1])
+    sets = MemorizationSets(
+        train_pixels=torch.cat([pixel_vectors(train), pixel_vectors(mirrored)]),
+        train_features=torch.cat([feats(train), feats(mirrored)]),
+        heldout_pixels=pixel_vectors(heldout), heldout_features=feats(heldout),
+        generated_pixels=pixel_vectors(np.ascontiguousarray(generated)), generated_features=feats(generated))
+    report = memorization_report(sets)
+    closest = report["_closest"]
+    assert closest[:2] in ([(0, 0), (1, 301)], [(1, 301), (0, 0)])  # found, the second among the mirrored crops
+    for space in ("pixel", "feature"):
+        assert report[space]["near_copies"] >= 2
+        # unseen photos are about as far from the training set as held-out ones:
+        assert 0.8 < report[space]["median_ratio"] < 1.25
+    assert report["near_copies"] <= 2 + 6  # the 2 copies, and at most 10% of the 60 unseen photos
+    copies_only = MemorizationSets(sets.train_pixels, sets.train_features, sets.heldout_pixels, sets.heldout_features,
+                                   sets.generated_pixels[:2], sets.generated_features[:2])
+    assert memorization_report(copies_only)["near_copy_fraction"] == 1.0
+
+
+def tiny_model(folder, crops, tiny_cub, train_on="train"):
     model = build_model(preset("small", channels=(8, 16), image_size=16), DiffusionConfig(num_steps=100))
-    save_model(tmp_path / "m", model.network, model.network_config, model.diffusion_config)
-    model = load_model(tmp_path / "m")
+    record = split_record(crops, tiny_cub, "square", 0.1, "random", 0, 0.3, train_on)
+    save_model(folder, model.network, model.network_config, model.diffusion_config, card="# m\n\n## Samples\nx\n",
+               data=record)
+    return load_model(folder)
+
+
+def test_evaluate_end_to_end_writes_metrics_card_and_caches_real_features(tiny_cub, tmp_path, isolated_cache):
     crops = load_crops(tiny_cub, size=16, progress=False)
+    model = tiny_model(tmp_path / "m", crops, tiny_cub)
     seen = []
-    settings = EvalSettings(split="all", num_samples=12, steps=3, batch_size=5)
+    settings = EvalSettings(num_samples=12, steps=3, batch_size=5)
     with pytest.warns(UserWarning):
-        metrics = evaluate(model, crops, settings, ColourStatistics(), "colour-stats",
+        metrics = evaluate(model, crops, settings, ColourStatistics(), "colour-stats", "test-space",
                            progress=lambda stage, done, total: seen.append((stage, done, total)))
-    assert metrics["num_real"] == 18 and metrics["num_generated"] == 12
-    assert metrics["fid"] > 0 and metrics["kid_subset_size"] == 12
-    assert ("generated images", 12, 12) in seen and ("real images", 18, 18) in seen
-    assert len(list((isolated_cache / "features").glob("real-*.npy"))) == 1
+    heldout = crops.split_indices("random", "test", 0, 0.3)
+    assert metrics["num_real"] == len(heldout) == 5 and metrics["num_generated"] == 12
+    assert metrics["fid"] > 0 and metrics["kid_subset_size"] == 5 and 0 <= metrics["precision"] <= 1
+    assert "5 held-out crops of CUB_200_2011 (random split, seed 0, 30% held out)" == metrics["reference_split"]
+    memo = metrics["memorization"]
+    assert memo["num_train"] == 13 and memo["num_heldout"] == 5 and len(memo["closest_pairs"]) == 8
+    assert ("generating", 12, 12) in seen and ("real crops (5)", 5, 5) in seen
+    assert len(list((isolated_cache / "features").glob("real-*.npy"))) == 3  # reference, training, mirrored
     seen.clear()
     with pytest.warns(UserWarning):
-        again = evaluate(model, crops, settings, ColourStatistics(), "colour-stats",
+        again = evaluate(model, crops, settings, ColourStatistics(), "colour-stats", "test-space",
                          progress=lambda stage, done, total: seen.append(stage))
-    assert "real images" not in seen and again["fid"] == pytest.approx(metrics["fid"])
+    assert not any(stage.startswith(("real crops", "mirrored")) for stage in seen)
+    assert again["fid"] == pytest.approx(metrics["fid"])
     path = write_metrics(model, metrics)
-    assert json.loads(path.read_text())["feature_extractor"] == "colour-stats"
+    other = {**again, "feature_space": "other-space"}
+    write_metrics(model, other)
+    stored = json.loads(path.read_text())
+    assert set(stored) == {"test-space", "other-space"} and stored["test-space"]["feature_extractor"] == "colour-stats"
+    assert (model.path / "memorization.png").is_file()
+    update_card_quality(model.path)
+    card = (model.path / "README.md").read_text()
+    assert card.startswith("# m\n\n## Samples\nx\n\n## Quality\n") and "### Memorization check" in card
+    assert card.count("## Quality") == 1
+    update_card_quality(model.path)
+    assert (model.path / "README.md").read_text() == card
+
+
+def test_evaluation_refuses_what_it_cannot_measure_honestly(tiny_cub, tmp_path):
+    crops = load_crops(tiny_cub, size=16, progress=False)
+    settings = EvalSettings(num_samples=12, steps=2)
+    unrecorded = build_model(preset("small", channels=(8, 16), image_size=16), DiffusionConfig(num_steps=100))
+    save_model(tmp_path / "plain", unrecorded.network, unrecorded.network_config, unrecorded.diffusion_config)
+    with pytest.raises(DatasetError, match="does not record the crops it trained on"):
+        evaluate(load_model(tmp_path / "plain"), crops, settings, ColourStatistics(), "c", "s")
+    with pytest.raises(DatasetError, match="trained on every image"):
+        evaluate(tiny_model(tmp_path / "all", crops, tiny_cub, "all"), crops, settings, ColourStatistics(), "c", "s")
+    model = tiny_model(tmp_path / "m", crops, tiny_cub)
+    other = load_crops(make_cub(tmp_path / "other" / "CUB_200_2011", classes=2), size=16, progress=False)
+    with pytest.raises(DatasetError, match="dataset of 18 images; this one has 12"):
+        evaluate(model, other, settings, ColourStatistics(), "c", "s")
+    shuffled = make_cub(tmp_path / "shuffled" / "CUB_200_2011", seed=5)
+    (shuffled / "images.txt").write_text("\n".join(reversed((shuffled / "images.txt").read_text().split("\n")[:-1])))
+    reordered = load_crops(shuffled, size=16, progress=False)
+    reordered.image_ids = reordered.image_ids + 100
+    with pytest.raises(DatasetError, match="does not give the training images the model recorded"):
+        evaluate(model, reordered, settings, ColourStatistics(), "c", "s")
+    with pytest.raises(EvaluationError, match="num_samples 4 is too few"):
+        evaluate(model, crops, EvalSettings(num_samples=4), ColourStatistics(), "c", "s")
+    with pytest.raises(EvaluationError, match="unknown reference split 'test'"):
+        evaluate(model, crops, EvalSettings(reference="test"), ColourStatistics(), "c", "s")
 
 
 def test_missing_inception_weights_say_where_to_get_them(tmp_path, monkeypatch):
@@ -117,7 +228,7 @@ def test_real_inception_features(real_cub):
         weights = find_inception_weights()
     except InceptionWeightsMissing as error:
         pytest.skip(f"InceptionV3 weights absent: {error}")
-    from birdgen.evaluation import InceptionFeatures, extract_features
+    from birdgen.features import InceptionFeatures
 
     crops = load_crops(real_cub, progress=False)
     features = extract_features(InceptionFeatures(weights), crops.images[:8])

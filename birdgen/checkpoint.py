@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from .diffusion import DiffusionConfig, NoiseSchedule
 from .networks import UNet, UNetConfig, parameter_count
 from .samplers import Denoiser
+from .utils import check_field_types
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -139,18 +140,25 @@ def read_config(folder: Path) -> tuple[UNetConfig, DiffusionConfig, dict]:
         raise ModelError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ModelError(f"{path}: not a birdgen model config (format is {raw.get('format') if isinstance(raw, dict) else None!r})")
-    try:
-        network = UNetConfig.from_dict(raw["network"])
-        diffusion = DiffusionConfig(**raw["diffusion"])
-    except KeyError as error:
-        raise ModelError(f"{path}: missing section {error}") from None
-    except (TypeError, ValueError) as error:
-        raise ModelError(f"{path}: {error}") from None
+    sections = {}
+    for section, build in (("network", UNetConfig.from_dict), ("diffusion", diffusion_from_dict)):
+        if not isinstance(raw.get(section), dict):
+            raise ModelError(f"{path}: missing section '{section}'")
+        try:
+            sections[section] = build(raw[section])
+        except (TypeError, ValueError) as error:
+            raise ModelError(f"{path}: {section}: {error}") from None
+    network, diffusion = sections["network"], sections["diffusion"]
     records = {key: raw[key] for key in ("training", "data") if raw.get(key) is not None}
     for key, value in records.items():
         if not isinstance(value, dict):
             raise ModelError(f"{path}: '{key}' must be an object, not {type(value).__name__}")
     return network, diffusion, records
+
+
+def diffusion_from_dict(values: dict) -> DiffusionConfig:
+    check_field_types(DiffusionConfig, values)
+    return DiffusionConfig(**values)
 
 
 def load_weights(path: Path, network: torch.nn.Module) -> None:

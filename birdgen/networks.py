@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .utils import check_field_types
+
 TIME_CONDITIONING = ("every_block", "input")
 
 
@@ -62,6 +64,7 @@ class UNetConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown U-Net config keys: {', '.join(unknown)}")
+        check_field_types(cls, values)
         return cls(**values)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -67,3 +69,44 @@ def generate(model: BirdModel, request: GenerationRequest, noise: torch.Tensor |
 
 class Cancelled(Exception):
     pass
+
+
+class GenerationQueue:
+    """Lets one generation run at a time, first come first served, and tells the waiting ones
+    their place. Several app users on one machine share its cores: two generations at once
+    each take about twice as long, so running them in turn gets the first result sooner and
+    the last no later."""
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._tickets = 0  # handed out so far
+        self._serving = 0  # the ticket whose holder may run
+        self._abandoned: set[int] = set()
+
+    @contextlib.contextmanager
+    def turn(self, on_wait: Callable[[int], None] | None = None, poll_s: float = 0.25):
+        """Waits for this caller's turn, calling `on_wait(requests ahead)` while it waits (the
+        app's message, and a point where Streamlit can stop a page that was left)."""
+        with self._condition:
+            ticket = self._tickets
+            self._tickets += 1
+        try:
+            while True:
+                with self._condition:
+                    if ticket == self._serving:
+                        break
+                    ahead = ticket - self._serving - sum(self._serving < t < ticket for t in self._abandoned)
+                    self._condition.wait(poll_s)
+                if on_wait is not None:
+                    on_wait(ahead)
+            yield
+        finally:
+            with self._condition:
+                if ticket == self._serving:
+                    self._serving += 1
+                else:  # left the queue before its turn: its place is skipped when reached
+                    self._abandoned.add(ticket)
+                while self._serving in self._abandoned:
+                    self._abandoned.discard(self._serving)
+                    self._serving += 1
+                self._condition.notify_all()

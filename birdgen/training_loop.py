@@ -30,7 +30,7 @@ from .data import CubCrops, load_crops, random_flip, to_model_range
 from .diffusion import DiffusionConfig, DiffusionLoss, NoiseSchedule
 from .networks import UNet, UNetConfig, parameter_count, preset
 from .samplers import DDIMSampler, Denoiser, initial_noise, run_to_end
-from .utils import machine_description, save_grid
+from .utils import check_field_types, machine_description, save_grid
 
 # Settings that may change when a run is resumed; any other difference means another run.
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_threads",
@@ -135,6 +135,10 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise TrainingError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+        try:
+            check_field_types(cls, values)
+        except ValueError as error:
+            raise TrainingError(f"{source}: {error}") from None
         return cls(**values)
 
     @classmethod
@@ -463,10 +467,9 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
             if machine not in [run_info.get("machine"), *run_info.get("also_trained_on", [])]:
                 run_info.setdefault("also_trained_on", []).append(machine)
                 atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2) + "\n")
-        if config.progress:
-            print(f"{parameter_count(model):,} parameters · {len(train_indices)} training images · global batch"
-                  f" {config.batch_size} = {world.world_size} process(es) × {config.batch_size // world.world_size}"
-                  f" · {machine} · {autocast_dtype or torch.float32}")
+        print(f"{parameter_count(model):,} parameters · {len(train_indices)} training images · global batch"
+              f" {config.batch_size} = {world.world_size} process(es) × {config.batch_size // world.world_size}"
+              f" · {machine} · {autocast_dtype or torch.float32}", flush=True)
         if latest is not None:
             print(f"Resuming {run_dir} from {latest.name} at step {step}", flush=True)
 

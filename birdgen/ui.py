@@ -3,6 +3,7 @@ sampler controls and a generation run with a live progress bar. Pages stay short
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -11,7 +12,7 @@ import streamlit as st
 import torch
 
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, BirdModel, ModelError, load_model
-from .pipeline import MAX_IMAGES, GenerationRequest
+from .pipeline import MAX_IMAGES, GenerationQueue, GenerationRequest
 from .samplers import SAMPLERS
 from .utils import machine_description
 
@@ -19,6 +20,18 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLER_LABELS = {"ddpm": "DDPM (ancestral)", "ddim": "DDIM", "dpmpp": "DPM-Solver++ (2M)"}
 # Slider range and default per sampler: DDPM needs many steps, DPM-Solver++ few.
 STEP_RANGES = {"ddpm": (10, 1000, 250), "ddim": (1, 250, 25), "dpmpp": (3, 100, 15)}
+
+
+def through_app_navigation() -> None:
+    """Called first by every page script. Streamlit treats a `pages/` folder beside app.py as an
+    old-style multipage app until app.py has run once, so a page's URL opened first on a fresh
+    server (a bookmark) would run the page file on its own, with raw file names in the sidebar.
+    This hands such a run over to app.py's navigation, which then opens the same page."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
 
 
 def models_dir() -> Path:
@@ -97,6 +110,26 @@ def sampler_controls(key: str = "gen", max_images: int = 16, default_images: int
 
 def _randomize_seed(seed_key: str) -> None:
     st.session_state[seed_key] = random.randrange(2**31 - 1)
+
+
+@st.cache_resource
+def generation_queue() -> GenerationQueue:
+    return GenerationQueue()  # one for the whole server: every user shares the same cores
+
+
+@contextlib.contextmanager
+def queued_turn():
+    """Runs the enclosed generation when earlier ones from other users have finished, saying
+    so on the page while it waits."""
+    notice = st.empty()
+
+    def on_wait(ahead: int) -> None:
+        notice.info(f"Waiting for {ahead} earlier request{'s' if ahead > 1 else ''} from other users of this app "
+                    "to finish (one generation runs at a time, so that each gets all the CPU cores)…")
+
+    with generation_queue().turn(on_wait):
+        notice.empty()
+        yield
 
 
 def progress_callback(label: str = "Denoising"):

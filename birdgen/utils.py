@@ -59,3 +59,33 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def check_field_types(cls, values: dict) -> None:
+    """Raises ValueError naming the first field of dataclass `cls` whose value in `values` has
+    the wrong type (int, float, str, bool, tuple[int, ...], optionally "| None")."""
+    import dataclasses
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name not in values:
+            continue
+        value, kind = values[field.name], hints[field.name]
+        optional = isinstance(kind, types.UnionType) and type(None) in typing.get_args(kind)
+        if optional:
+            if value is None:
+                continue
+            kind = next(k for k in typing.get_args(kind) if k is not type(None))
+        if typing.get_origin(kind) is tuple:
+            fits = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            expected = "a list of integers"
+        elif kind is float:
+            fits, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif kind is int:
+            fits, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        else:
+            fits, expected = isinstance(value, kind), {str: "a string", bool: "true or false"}.get(kind, kind.__name__)
+        if not fits:
+            raise ValueError(f"{field.name} must be {expected}{' or null' if optional else ''}, not {value!r}")

@@ -7,6 +7,7 @@ from birdgen.pipeline import generate
 from birdgen.samplers import initial_noise
 from birdgen.utils import grid_image
 
+ui.through_app_navigation()
 st.title("⚖️ Compare models")
 st.markdown("Does self-attention help? Both models start from **exactly the same noise** and run the same "
             "sampler, so with equal training any difference in the birds comes from the networks.")
@@ -29,10 +30,11 @@ if st.button("Generate both", type="primary", key="compare"):
     noise, _ = initial_noise(request.num_images, left.network_config.image_size, request.seed, "cpu",
                              left.network_config.in_channels)
     results = []
-    for model in (left, right):
-        bar, on_step = ui.progress_callback(f"Denoising with {model.name}")
-        results.append((model.name, generate(model, request, noise=noise, on_step=on_step)))
-        bar.empty()
+    with ui.queued_turn():
+        for model in (left, right):
+            bar, on_step = ui.progress_callback(f"Denoising with {model.name}")
+            results.append((model.name, generate(model, request, noise=noise, on_step=on_step)))
+            bar.empty()
     st.session_state["comparison"] = [(name, grid_image(r.images), r.seconds) for name, r in results]
 
 if "comparison" in st.session_state:

@@ -8,6 +8,7 @@ from birdgen.data import DatasetError, load_crops
 from birdgen.pipeline import GenerationRequest, generate
 from birdgen.visualize import evenly_spaced, forward_frames, png_bytes, record_chain, signal_and_noise, to_gif
 
+ui.through_app_navigation()
 st.title("🌫️ The denoising process")
 st.markdown("Training adds Gaussian noise to real birds step by step (the **forward process**); sampling "
             "learns to undo it (the **reverse process**). Drag the sliders to see both.")
@@ -49,8 +50,9 @@ right.line_chart(pd.DataFrame({"signal √ᾱ_t": curves["signal"], "noise √(1
 st.header("Reverse process: from noise to a bird")
 request = ui.sampler_controls("chain", max_images=4, default_images=1)
 if st.button("Run the sampler", type="primary", key="run_chain"):
-    bar, on_step = ui.progress_callback()
-    st.session_state["chain"] = record_chain(model, request, on_step)
+    with ui.queued_turn():
+        bar, on_step = ui.progress_callback()
+        st.session_state["chain"] = record_chain(model, request, on_step)
     bar.empty()
 
 chain = st.session_state.get("chain")

@@ -7,6 +7,7 @@ from birdgen.pipeline import generate
 from birdgen.utils import grid_image
 from birdgen.visualize import png_bytes
 
+ui.through_app_navigation()
 st.title("🐦 birdgen — generate birds")
 st.markdown("A diffusion model turns pure noise into a 64×64 bird, one denoising step at a time. "
             "Pick a model and a sampler, press **Generate**, and watch it work. The other pages show the "
@@ -23,8 +24,9 @@ with output:
     if pressed:
         cancel_slot = st.empty()
         cancel_slot.button("Cancel", key="cancel")
-        bar, on_step = ui.progress_callback()
-        result = generate(model, request, on_step=on_step)
+        with ui.queued_turn():
+            bar, on_step = ui.progress_callback()
+            result = generate(model, request, on_step=on_step)
         bar.empty()
         cancel_slot.empty()
         st.session_state["generated"] = (model.name, request, grid_image(result.images), result.seconds)

@@ -11,6 +11,7 @@ from birdgen.modelcard import update_card_quality
 from birdgen.training_jobs import run_folders
 from birdgen.training_loop import read_metrics
 
+ui.through_app_navigation()
 st.title("📊 Metrics")
 st.markdown(
     "Each model's generated birds against real crops it **never trained on**: **FD** (Fréchet distance) and **KID** "

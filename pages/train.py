@@ -9,13 +9,18 @@ import streamlit as st
 from birdgen import ui
 from birdgen.data import DatasetError
 from birdgen.networks import PRESETS
-from birdgen.training_jobs import TrainForm, current_job, last_job, log_tail, start_training, stop_training
+from birdgen.training_jobs import (TrainForm, current_job, last_job, log_tail, progress_text, start_training,
+                                   stop_training)
 from birdgen.training_loop import read_metrics
 
+REFRESH_S = 2.0  # how often the live view rereads the run folder while a run is going
+
+ui.through_app_navigation()
 st.title("🏋️ Train a model")
-st.markdown("Fill in the form to start `birdgen train` in the background (one run at a time). The loss curve, "
-            "the latest sample grid and the log update below; **Stop** saves a checkpoint, **Resume** continues "
-            "from it. On a 2-core CPU expect about 15–30 images/s with the small presets, depending on the CPU.")
+st.markdown("Fill in the form to start `birdgen train` in the background (one run at a time). While it runs, the "
+            "progress, loss curve, latest sample grid and log below update by themselves; **Stop** saves a "
+            "checkpoint, **Resume** continues from it. On a 2-core CPU expect about 15–30 images/s with the small "
+            "presets, depending on the CPU.")
 
 job = current_job()
 with st.form("train"):
@@ -50,11 +55,10 @@ if shown is None:
 st.header(f"Run {shown.run_dir}")
 columns = st.columns(3)
 if job is not None:
-    columns[0].success(f"Running (pid {job.pid}, started {time.strftime('%H:%M:%S', time.localtime(job.started))})")
     if columns[1].button("Stop (saves a checkpoint)", key="stop"):
         with st.spinner("Saving a checkpoint and stopping…"):
             stopped = stop_training()
-        (st.success if stopped else st.warning)("Stopped." if stopped else "Still stopping; refresh in a moment.")
+        (st.success if stopped else st.warning)("Stopped." if stopped else "Still stopping; this page updates when it has.")
         job = None
 else:
     columns[0].info("Not running.")
@@ -64,16 +68,32 @@ else:
             st.success(f"Resumed (pid {job.pid}).")
         except (ValueError, DatasetError, RuntimeError) as error:
             st.error(str(error))
-columns[2].button("Refresh", key="refresh")
 
-records = read_metrics(shown.run_dir)
-if records:
-    frame = pd.DataFrame(records).set_index("step")
-    st.line_chart(frame["loss"], x_label="step", y_label="loss", height=260)
-    latest = records[-1]
-    st.caption(f"step {latest['step']:,} · loss {latest['loss']:.4f} · {latest['images_per_s']:.1f} images/s · "
-               f"{latest['images_seen']:,} images seen")
-preview = Path(shown.run_dir) / "samples" / "latest.png"
-if preview.is_file():
-    st.image(str(preview), caption="latest preview (EMA weights, DDIM, fixed seed)", width=400)
-st.code(log_tail(shown) or "(no output yet)", language=None)
+
+@st.fragment(run_every=REFRESH_S if job is not None else None)
+def run_view(was_running: bool) -> None:
+    """Status, loss curve, preview and log; reruns by itself every REFRESH_S while the run is live."""
+    running = current_job()
+    if was_running and running is None:
+        st.rerun()  # the run ended: redraw the whole page (Start and Resume become available)
+    records = read_metrics(shown.run_dir)
+    if running is not None:
+        started = time.strftime("%H:%M:%S", time.localtime(running.started))
+        if records:
+            st.success(f"Running (pid {running.pid}, started {started}) · "
+                       f"{progress_text(records, shown.form['steps'], shown.form['batch_size'])}")
+        else:
+            st.info(f"Starting (pid {running.pid}, {time.time() - running.started:.0f} s): loading the crops and "
+                    "building the network; the first steps appear here in a few seconds.")
+    elif records:
+        st.caption(progress_text(records, shown.form["steps"], shown.form["batch_size"]).split(" · about")[0])
+    if records:
+        frame = pd.DataFrame(records).set_index("step")
+        st.line_chart(frame["loss"], x_label="step", y_label="loss", height=260)
+    preview = Path(shown.run_dir) / "samples" / "latest.png"
+    if preview.is_file():
+        st.image(preview.read_bytes(), caption="latest preview (EMA weights, DDIM, fixed seed)", width=400)
+    st.code(log_tail(shown) or "(no output yet)", language=None)
+
+
+run_view(job is not None)

@@ -1,6 +1,9 @@
 """End to end in a real browser: `streamlit run app.py` on localhost, driven by Playwright in
 the system's Chromium. Screenshots land in test-artifacts/ for a person to look at."""
 
+import re
+import time
+
 import pytest
 
 from browser_support import REPO, chromium, chromium_path, generate_four_birds, streamlit_app
@@ -53,3 +56,52 @@ def test_denoising_page_renders_a_frame(browser_and_url):
     assert frame.evaluate("img => img.naturalWidth") >= 64
     page.screenshot(path=str(ARTIFACTS / "denoising.png"), full_page=True)
     page.close()
+
+
+def test_a_page_link_opened_first_on_a_fresh_server_shows_the_app_navigation(tmp_path):
+    pytest.importorskip("playwright.sync_api")
+    if chromium_path() is None:
+        pytest.skip("no Chromium on PATH (Debian: apt-get install chromium)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with streamlit_app({"BIRDGEN_RUNS_DIR": str(tmp_path / "runs")}) as url, chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url + "/compare", wait_until="networkidle")  # a bookmark: the server has run nothing yet
+        page.get_by_text("Compare models").first.wait_for(timeout=60_000)
+        nav = page.locator("[data-testid='stSidebarNav']")
+        nav.get_by_text("Denoising process").wait_for(timeout=30_000)
+        labels = nav.inner_text()
+        assert all(title in labels for title in ("Generate", "Denoising process", "Compare models", "Metrics", "Train"))
+        assert "compare\n" not in labels.lower().replace("compare models", "")  # no raw file names
+        page.screenshot(path=str(ARTIFACTS / "deep-link.png"), full_page=True)
+        page.close()
+
+
+def test_the_train_page_updates_by_itself_while_a_run_is_live(tmp_path):
+    pytest.importorskip("playwright.sync_api")
+    if chromium_path() is None:
+        pytest.skip("no Chromium on PATH (Debian: apt-get install chromium)")
+    from conftest import make_cub
+
+    data = make_cub(tmp_path / "CUB_200_2011")
+    env = {"BIRDGEN_RUNS_DIR": str(tmp_path / "runs"), "BIRDGEN_DATA": str(data),
+           "BIRDGEN_CACHE_DIR": str(tmp_path / "cache")}
+    with streamlit_app(env) as url, chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        page.goto(url + "/train", wait_until="networkidle")
+        page.get_by_role("button", name="Start training").wait_for(timeout=60_000)
+        page.get_by_role("button", name="Start training").click()
+        started = time.perf_counter()
+        try:
+            status = page.get_by_text(re.compile(r"step \d+ of 2,000 · [\d.]+ images/s · about"))
+            status.wait_for(timeout=90_000)  # no button pressed since Start
+            first = status.inner_text()
+            seen_after_s = time.perf_counter() - started
+            step = re.search(r"step \d+ of", first).group(0)
+            page.wait_for_function(  # a later step shows up, still without any button pressed
+                "text => !document.body.innerText.includes(text)", arg=step, timeout=90_000)
+            page.screenshot(path=str(ARTIFACTS / "train-live.png"), full_page=True)
+            (ARTIFACTS / "train-live.txt").write_text(f"progress on screen {seen_after_s:.1f} s after Start\n")
+        finally:
+            page.get_by_role("button", name="Stop (saves a checkpoint)").click()
+        page.get_by_text("Stopped.").wait_for(timeout=90_000)
+        page.close()

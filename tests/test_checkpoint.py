@@ -76,7 +76,17 @@ def test_config_that_does_not_match_weights(model_folder):
                                            ('{"format": "birdgen-model", "network": {"fins": 1}, "diffusion": {}}',
                                             "unknown U-Net config keys: fins"),
                                            ('{"format": "birdgen-model", "network": {}, "diffusion": {},'
-                                            ' "training": 5}', "'training' must be an object, not int")])
+                                            ' "training": 5}', "'training' must be an object, not int"),
+                                           ('{"format": "birdgen-model", "network": {"channels": "x"}, "diffusion": {}}',
+                                            "network: channels must be a list of integers, not 'x'"),
+                                           ('{"format": "birdgen-model", "network": {"image_size": 64.5}, "diffusion": {}}',
+                                            "network: image_size must be an integer, not 64.5"),
+                                           ('{"format": "birdgen-model", "network": {"dropout": true}, "diffusion": {}}',
+                                            "network: dropout must be a number, not True"),
+                                           ('{"format": "birdgen-model", "network": {}, "diffusion": {"num_steps": "9"}}',
+                                            "diffusion: num_steps must be an integer, not '9'"),
+                                           ('{"format": "birdgen-model", "network": {}, "diffusion": {"schedule": 3}}',
+                                            "diffusion: schedule must be a string, not 3")])
 def test_bad_configs(model_folder, text, message):
     folder, _ = model_folder
     (folder / "config.json").write_text(text)

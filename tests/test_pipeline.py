@@ -74,3 +74,45 @@ def test_push_uploads_the_model_folder(model, tmp_path, monkeypatch):
     (tmp_path / "m" / "model.safetensors").unlink()
     with pytest.raises(ModelError, match="missing weights file"):
         push_model(tmp_path / "m", "me/birds")
+
+
+def test_generation_queue_runs_one_at_a_time_in_order_and_skips_those_who_left():
+    import threading
+    import time
+
+    from birdgen.pipeline import GenerationQueue
+
+    queue = GenerationQueue()
+    order, waits, running = [], {}, []
+    gate = threading.Event()
+
+    def user(name, leave_early=False):
+        def on_wait(ahead):
+            waits.setdefault(name, []).append(ahead)
+            if leave_early:
+                raise RuntimeError("page closed")
+        try:
+            with queue.turn(on_wait, poll_s=0.01):
+                running.append(name)
+                assert len(running) == 1  # never two at once
+                order.append(name)
+                if name == "first":
+                    gate.wait(5)
+                running.remove(name)
+        except RuntimeError:
+            order.append(f"{name} left")
+
+    threads = [threading.Thread(target=user, args=("first",))]
+    threads[0].start()
+    time.sleep(0.05)
+    for name, leave in (("second", False), ("quitter", True), ("third", False)):
+        threads.append(threading.Thread(target=user, args=(name, leave)))
+        threads[-1].start()
+        time.sleep(0.05)
+    gate.set()
+    for thread in threads:
+        thread.join(5)
+    assert order == ["first", "quitter left", "second", "third"]
+    assert waits["second"][0] == 1 and waits["third"][0] == 2  # its place in the queue, as the page shows it
+    with queue.turn():  # the queue is free again
+        pass

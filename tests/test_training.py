@@ -95,6 +95,9 @@ def test_config_file_unknown_keys_and_overrides(tmp_path):
     (tmp_path / "bad.json").write_text('{"lr": 0.001, "wingspan": 3}')
     with pytest.raises(TrainingError, match=r"bad\.json: unknown setting\(s\) wingspan"):
         TrainConfig.from_file(tmp_path / "bad.json")
+    (tmp_path / "typed.yaml").write_text("batch_size: eight\n")
+    with pytest.raises(TrainingError, match=r"typed\.yaml: batch_size must be an integer, not 'eight'"):
+        TrainConfig.from_file(tmp_path / "typed.yaml")
     (tmp_path / "broken.yaml").write_text("lr: [")
     with pytest.raises(TrainingError, match=r"broken\.yaml: cannot parse config"):
         TrainConfig.from_file(tmp_path / "broken.yaml")

@@ -15,13 +15,14 @@ from .checkpoint import ModelError, build_model, load_model, push_model
 from .data import CROP_MODES, DatasetError, load_crops, summarize
 from .diffusion import DiffusionConfig
 from .download import DownloadError, download
+from .editing import EditError
 from .networks import PRESETS, parameter_count, preset
 from .pipeline import GenerationRequest, generation_steps, make_request_sampler
 from .samplers import DEFAULT_STEPS, SAMPLERS
 from .training_loop import TrainConfig, TrainingError, train
 from .utils import machine_description, pick_device, save_grid
 
-USER_ERRORS = (DatasetError, ModelError, TrainingError, DownloadError, ValueError, FileNotFoundError)
+USER_ERRORS = (DatasetError, ModelError, TrainingError, DownloadError, EditError, ValueError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,10 +98,52 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true")
     push.set_defaults(handler=cmd_push)
 
+    add_editing_parsers(commands)
     from .evaluation import add_eval_parser
 
     add_eval_parser(commands)
     return parser
+
+
+def add_editing_parsers(commands) -> None:
+    from .editing import MASKS
+
+    interpolate = commands.add_parser("interpolate", help="morph one seed's bird into another's (DDIM, spherical)")
+    interpolate.add_argument("--model", required=True, help="model folder or Hub id")
+    interpolate.add_argument("--seeds", type=int, nargs=2, required=True, metavar=("A", "B"))
+    interpolate.add_argument("--frames", type=int, default=9, help="images from A to B, ends included (2-64)")
+    interpolate.add_argument("--steps", type=int, default=50, help="DDIM steps (deterministic, eta 0)")
+    interpolate.add_argument("--out", default="interpolation.png", help="strip PNG to write")
+    interpolate.add_argument("--gif", help="also write an animated GIF (there and back)")
+    interpolate.add_argument("--device", default="auto")
+    interpolate.set_defaults(handler=cmd_interpolate)
+
+    edit = commands.add_parser("edit", help="variations / image-to-image of a picture (SDEdit)")
+    edit.add_argument("--model", required=True, help="model folder or Hub id")
+    edit.add_argument("--image", required=True, help="PNG or JPEG; its centre square is used")
+    edit.add_argument("--strength", type=float, default=0.6, help="0 returns the picture, 1 ignores it")
+    edit.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    edit.add_argument("--steps", type=int, default=50, help="steps of the whole schedule; strength × steps run")
+    edit.add_argument("--eta", type=float, default=0.0)
+    edit.add_argument("--num", type=int, default=8)
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--out", default="edited.png", help="grid PNG: the input first, then the results")
+    edit.add_argument("--device", default="auto")
+    edit.set_defaults(handler=cmd_edit)
+
+    inpaint = commands.add_parser("inpaint", help="regenerate part of a picture (RePaint)")
+    inpaint.add_argument("--model", required=True, help="model folder or Hub id")
+    inpaint.add_argument("--image", required=True, help="PNG or JPEG; its centre square is used")
+    inpaint.add_argument("--mask", choices=(*MASKS, "box"), default="centre", help="the region to regenerate")
+    inpaint.add_argument("--box", type=float, nargs=4, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
+                         help="with --mask box: the region as fractions of the side, e.g. 0.2 0.2 0.8 0.6")
+    inpaint.add_argument("--steps", type=int, default=50, help="DDPM steps (respaced)")
+    inpaint.add_argument("--resample", type=int, default=5, help="RePaint's resampling per step (1-20)")
+    inpaint.add_argument("--num", type=int, default=4)
+    inpaint.add_argument("--seed", type=int, default=0)
+    inpaint.add_argument("--out", default="inpainted.png", help="grid PNG: the masked input first, then the results")
+    inpaint.add_argument("--device", default="auto")
+    inpaint.set_defaults(handler=cmd_inpaint)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -176,6 +219,78 @@ def cmd_sample(args) -> int:
         for index, image in enumerate(step.x):
             grid_image(image[None], padding=0).save(folder / f"{index:04d}.png")
     print(f"{args.num} images, {step.num_steps} {args.sampler} steps in {seconds:.1f} s on {device}; wrote {path}")
+    return 0
+
+
+def run_steps(steps, total: int, label: str):
+    """Runs a step generator with a progress bar; returns the last step and the seconds taken."""
+    from tqdm.auto import tqdm
+
+    started, last = time.perf_counter(), None
+    with tqdm(total=total, desc=label, unit="step") as bar:
+        for last in steps:
+            bar.update(1)
+    return last, time.perf_counter() - started
+
+
+def read_picture(path: str, size: int):
+    from .editing import EditError, load_picture
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise EditError(f"{path}: cannot read ({error.strerror})") from None
+    return load_picture(data, size, path)
+
+
+def cmd_interpolate(args) -> int:
+    from .editing import interpolation_steps
+    from .visualize import to_gif
+    from .utils import grid_image
+
+    model = load_model(args.model, pick_device(args.device))
+    steps = interpolation_steps(model, args.seeds[0], args.seeds[1], args.frames, args.steps)
+    last, seconds = run_steps(steps, args.steps, f"Interpolating ({args.frames} frames)")
+    path = save_grid(last.x, args.out, columns=args.frames)
+    if args.gif:
+        frames = [grid_image(image[None], padding=0).resize((256, 256)) for image in last.x]
+        Path(args.gif).write_bytes(to_gif(frames + frames[-2:0:-1], seconds_per_frame=0.15, hold_last_s=0.15))
+    print(f"{args.frames} frames from seed {args.seeds[0]} to {args.seeds[1]} in {seconds:.1f} s; wrote {path}"
+          + (f" and {args.gif}" if args.gif else ""))
+    return 0
+
+
+def cmd_edit(args) -> int:
+    import torch
+
+    from .editing import EditRequest, sdedit_steps
+
+    model = load_model(args.model, pick_device(args.device))
+    image = read_picture(args.image, model.network_config.image_size)
+    request = EditRequest(args.sampler, args.steps, args.strength, args.num, args.seed, args.eta)
+    request.validate()
+    total = max(1, round(args.strength * args.steps))
+    last, seconds = run_steps(sdedit_steps(model, image, request), total, f"Editing (strength {args.strength:g})")
+    path = save_grid(torch.cat([image.to(last.x.device), last.x]), args.out)
+    print(f"{args.num} edits of {args.image} in {seconds:.1f} s; wrote {path} (the input first)")
+    return 0
+
+
+def cmd_inpaint(args) -> int:
+    import torch
+
+    from .editing import RePaintSampler, inpaint_steps, make_mask
+
+    model = load_model(args.model, pick_device(args.device))
+    size = model.network_config.image_size
+    image = read_picture(args.image, size)
+    mask = make_mask(args.mask, size, tuple(args.box) if args.box else None)
+    steps = inpaint_steps(model, image, mask, args.steps, args.resample, args.num, args.seed)
+    total = RePaintSampler(model.schedule, args.steps, image, mask, args.resample).evaluations
+    last, seconds = run_steps(steps, total, f"Inpainting ({args.mask})")
+    shown = image * mask + (1 - mask) * torch.tensor([1.0, -1.0, 1.0]).view(1, 3, 1, 1)  # the hole in magenta
+    path = save_grid(torch.cat([shown.to(last.x.device), last.x]), args.out)
+    print(f"{args.num} inpaintings of {args.image} in {seconds:.1f} s; wrote {path} (the masked input first)")
     return 0
 
 

@@ -110,7 +110,19 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = PRECISION_
     cross = torch.cdist(fake, real)  # (fake, real)
     precision = (cross <= real_radii[None, :]).any(dim=1).double().mean()
     recall = (cross <= fake_radii[:, None]).any(dim=0).double().mean()
-    return {"precision": float(precision), "recall": float(recall), "precision_recall_k": k}
+    return {"precision": float(precision), "recall": float(recall), "precision_recall_k": k,
+            "precision_recall_images": min(len(real), len(fake))}
+
+
+def equal_sizes(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two sets cut to the smaller one's size by a seeded random subset: k-NN radii shrink
+    as a set grows, so precision and recall from sets of different sizes are biased (the larger
+    set looks narrower); Kynkäänniemi et al. compare equal-sized sets."""
+    size = min(len(real), len(fake))
+    generator = torch.Generator().manual_seed(seed)
+    real = real[torch.randperm(len(real), generator=generator)[:size]] if len(real) > size else real
+    fake = fake[torch.randperm(len(fake), generator=generator)[:size]] if len(fake) > size else fake
+    return real, fake
 
 
 def nearest(queries: torch.Tensor, references: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,7 +264,7 @@ def evaluate(model: BirdModel, crops: CubCrops, settings: EvalSettings, extracto
     features["generated"] = extract_features(extractor, generated, settings.batch_size, device, progress,
                                              "generated images")
     scores = {**kid_and_fid(features["reference"], features["generated"], seed=settings.seed),
-              **precision_recall(features["reference"], features["generated"])}
+              **precision_recall(*equal_sizes(features["reference"], features["generated"], settings.seed))}
     result = {"feature_space": feature_space, "feature_label": FEATURE_LABELS.get(feature_space, feature_space),
               **scores, "num_real": len(reference), "num_generated": settings.num_samples,
               "reference_split": describe_split(model.data, settings.reference, len(reference)), **asdict(settings),

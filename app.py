@@ -7,6 +7,7 @@ st.navigation([
     st.Page("pages/generate.py", title="Generate", icon="🐦", default=True),
     st.Page("pages/denoising.py", title="Denoising process", icon="🌫️", url_path="denoising"),
     st.Page("pages/compare.py", title="Compare models", icon="⚖️", url_path="compare"),
+    st.Page("pages/explore.py", title="Explore and edit", icon="🎨", url_path="explore"),
     st.Page("pages/metrics.py", title="Metrics", icon="📊", url_path="metrics"),
     st.Page("pages/train.py", title="Train", icon="🏋️", url_path="train"),
 ]).run()

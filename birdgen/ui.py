@@ -143,6 +143,69 @@ def progress_callback(label: str = "Denoising"):
     return bar, on_step
 
 
+def run_steps(steps, total: int, label: str = "Denoising", cancel_key: str | None = None):
+    """Runs a step generator (a sampler, SDEdit, RePaint…) in its turn of the generation queue
+    with a progress bar and, if `cancel_key` is given, a Cancel button (pressing it reruns the
+    page, which stops the run between two steps). Returns the last step."""
+    with queued_turn():
+        cancel_slot = st.empty()
+        if cancel_key:
+            cancel_slot.button("Cancel", key=cancel_key)
+        bar = st.progress(0.0, text=label)
+        final = None
+        for index, final in enumerate(steps):
+            bar.progress(min((index + 1) / total, 1.0), text=f"{label}: step {index + 1} of {total}")
+        bar.empty()
+        cancel_slot.empty()
+    return final
+
+
+@st.cache_resource(show_spinner="Cropping the dataset…")
+def real_crops(root: str, size: int):
+    from .data import load_crops
+
+    return load_crops(root, size, progress=False)
+
+
+def picture_source(model: BirdModel, key: str):
+    """Where an edit starts: a generated bird, a real crop or an uploaded PNG/JPEG. Returns the
+    picture as a (1, 3, size, size) model-range tensor, or None (with a message) if there is none."""
+    from .data import DatasetError
+    from .editing import EditError, load_picture
+
+    size = model.network_config.image_size
+    source = st.radio("Start from", ["a generated bird", "a real bird crop", "your picture"], horizontal=True,
+                      key=f"{key}_source")
+    if source == "a generated bird":
+        seed = st.number_input("Seed of the bird", 0, 2**31 - 1, 0, key=f"{key}_source_seed")
+        return _generated_picture(model, int(seed), str(model.path))
+    if source == "a real bird crop":
+        try:
+            crops = real_crops(str(data_root()), size)
+        except DatasetError as error:
+            st.info(f"No dataset found ({error}). Set BIRDGEN_DATA to a CUB_200_2011 folder, or use another source.")
+            return None
+        index = st.number_input("Which crop", 0, len(crops) - 1, 0, key=f"{key}_crop")
+        return crops.tensor([int(index)])
+    upload = st.file_uploader("A PNG or JPEG (its centre square is used)", type=["png", "jpg", "jpeg"],
+                              key=f"{key}_upload")
+    if upload is None:
+        st.caption("Nothing is stored: the picture stays in this browser session's memory.")
+        return None
+    try:
+        return load_picture(upload.getvalue(), size, upload.name)
+    except EditError as error:
+        st.error(str(error))
+        return None
+
+
+@st.cache_data(max_entries=32, show_spinner="Generating the starting bird…")
+def _generated_picture(_model: BirdModel, seed: int, model_path: str):
+    from .pipeline import generate
+
+    return generate(_model, GenerationRequest("dpmpp", min(15, _model.schedule.num_steps), 1, seed)).images.cpu()
+
+
 def describe(model: BirdModel) -> str:
     trained = f" · trained on {model.training['images_seen']:,} images" if model.training else ""
     return f"{model.parameter_count:,} parameters{trained} · {machine_description(model.device)}"

@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from birdgen import ui
-from birdgen.data import DatasetError, load_crops
+from birdgen.data import DatasetError
 from birdgen.pipeline import GenerationRequest, generate
 from birdgen.visualize import evenly_spaced, forward_frames, png_bytes, record_chain, signal_and_noise, to_gif
 
@@ -18,17 +18,12 @@ schedule = model.schedule
 T = schedule.num_steps
 
 
-@st.cache_resource(show_spinner="Cropping the dataset…")
-def real_crops(root: str, size: int):
-    return load_crops(root, size, progress=False)
-
-
 st.header("Forward process: q(x_t | x_0)")
 source = st.radio("Start from", ["a real bird crop", "a generated bird"], horizontal=True)
 x0 = None
 if source == "a real bird crop":
     try:
-        crops = real_crops(str(ui.data_root()), model.network_config.image_size)
+        crops = ui.real_crops(str(ui.data_root()), model.network_config.image_size)
         index = st.slider("Which crop", 0, len(crops) - 1, 0)
         x0 = crops.tensor([index])
     except DatasetError as error:

@@ -194,3 +194,54 @@ def test_train_page_validates_then_starts_and_stops(models, tiny_cub, tmp_path):
         at.run()
         at.button(key="stop").click().run()
     assert f"from step-{int(stopped_at):07d} at step {stopped_at}" in log_path.read_text()
+
+
+def png_upload(mode="RGBA", size=(50, 40)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, size, "red" if mode != "P" else 3).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_explore_page_interpolates_varies_and_inpaints(models):
+    at = app(PAGES / "explore.py")
+    assert at.title[0].value.startswith("🎨 Explore")
+    at.slider(key="lerp_frames").set_value(3)
+    at.slider(key="lerp_steps").set_value(5)
+    at.button(key="lerp_run").click().run()
+    assert not at.exception
+    assert len(at.get("download_button")) == 2  # GIF and strip
+    at.slider(key="lerp_frame").set_value(3).run()
+    assert not at.exception and len(at.get("image")) == 4  # strip, chosen frame, and the other tabs' inputs
+
+    at.slider(key="vary_steps").set_value(6)
+    at.number_input(key="vary_count").set_value(2)
+    at.slider(key="vary_strength").set_value(0.5)
+    at.button(key="vary_run").click().run()
+    assert not at.exception and len(at.get("download_button")) == 3
+
+    at.radio(key="fill_source").set_value("your picture").run()
+    at.file_uploader(key="fill_upload").set_value(("bird.png", png_upload(), "image/png")).run()
+    at.selectbox(key="fill_mask").set_value("box").run()
+    at.slider(key="fill_x").set_value((0.5, 0.5)).run()
+    assert "need 0 ≤ left < right ≤ 1" in at.error[0].value  # an empty box is refused, not run
+    at.slider(key="fill_x").set_value((0.25, 0.75))
+    at.slider(key="fill_steps").set_value(10)
+    at.slider(key="fill_resample").set_value(2)
+    at.number_input(key="fill_count").set_value(1).run()
+    at.button(key="fill_run").click().run()
+    assert not at.exception and not at.error and len(at.get("download_button")) == 4
+
+
+@pytest.mark.parametrize("data, message", [(b"\x89PNG\r\n\x1a\n truncated", "truncated or corrupt picture"),
+                                           (b"%PDF-1.4", "not a PNG or JPEG picture")])
+def test_explore_page_explains_bad_uploads(models, data, message):
+    at = app(PAGES / "explore.py")
+    at.radio(key="vary_source").set_value("your picture").run()
+    at.file_uploader(key="vary_upload").set_value(("upload.png", data, "image/png")).run()
+    assert not at.exception
+    assert at.error[0].value.startswith("upload.png: ") and message in at.error[0].value
+    assert not any(b.key == "vary_run" for b in at.button)

@@ -105,3 +105,17 @@ def test_the_train_page_updates_by_itself_while_a_run_is_live(tmp_path):
             page.get_by_role("button", name="Stop (saves a checkpoint)").click()
         page.get_by_text("Stopped.").wait_for(timeout=90_000)
         page.close()
+
+
+def test_explore_page_interpolates_in_the_browser(browser_and_url):
+    browser, url = browser_and_url
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1200})
+    page.goto(url + "/explore", wait_until="networkidle")
+    page.get_by_text("Explore and edit").first.wait_for(timeout=60_000)
+    page.get_by_role("button", name="Interpolate", exact=True).click()
+    page.get_by_role("button", name="Download GIF").wait_for(timeout=180_000)
+    strip = page.locator("[data-testid='stImage'] img").first
+    assert strip.evaluate("img => img.naturalWidth") > 9 * 64
+    page.screenshot(path=str(ARTIFACTS / "explore.png"), full_page=True)
+    page.close()

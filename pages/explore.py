@@ -1,0 +1,99 @@
+"""Explore and edit: morph between seeds, make variations of a bird or a picture, repaint part of one."""
+
+import streamlit as st
+import torch
+
+from birdgen import ui
+from birdgen.editing import (MASKS, EditError, EditRequest, RePaintSampler, inpaint_steps, interpolation_steps,
+                             make_mask, sdedit_steps)
+from birdgen.utils import grid_image
+from birdgen.visualize import png_bytes, to_gif
+
+HOLE = torch.tensor([1.0, -1.0, 1.0]).view(1, 3, 1, 1)  # magenta marks the region to repaint
+
+ui.through_app_navigation()
+st.title("🎨 Explore and edit")
+st.markdown("Everything here runs the same model and samplers as **Generate**: **interpolate** between two seeds, "
+            "make **variations** of a bird or turn a picture into one (SDEdit), or **inpaint**: keep part of a "
+            "picture and let the model repaint the rest (RePaint).")
+model = ui.model_picker(prefer="small-attn", key="explore_model")
+interpolate, vary, inpaint = st.tabs(["Interpolate", "Variations and image-to-image", "Inpaint"])
+
+with interpolate:
+    columns = st.columns(4)
+    seed_a = columns[0].number_input("From seed", 0, 2**31 - 1, 3, key="lerp_a")
+    seed_b = columns[1].number_input("To seed", 0, 2**31 - 1, 7, key="lerp_b")
+    frames = columns[2].slider("Frames", 3, 16, 9, key="lerp_frames")
+    steps = columns[3].slider("DDIM steps", 5, 100, 25, key="lerp_steps")
+    if st.button("Interpolate", type="primary", key="lerp_run"):
+        last = ui.run_steps(interpolation_steps(model, int(seed_a), int(seed_b), frames, steps), steps,
+                            "Interpolating", cancel_key="lerp_cancel")
+        st.session_state["lerp"] = last.x.cpu()
+    if "lerp" in st.session_state:
+        images = st.session_state["lerp"]
+        strip = grid_image(images, columns=len(images))
+        st.image(strip, width=min(1100, 80 * len(images)))
+        index = st.slider("Frame", 1, len(images), 1, key="lerp_frame") - 1
+        large = [grid_image(image[None], padding=0).resize((256, 256)) for image in images]
+        st.image(large[index], caption=f"frame {index + 1} of {len(images)}", width=256)
+        downloads = st.columns(2)
+        downloads[0].download_button("Download GIF", to_gif(large + large[-2:0:-1], 0.15, 0.15),
+                                     file_name="interpolation.gif", mime="image/gif")
+        downloads[1].download_button("Download strip PNG", png_bytes(strip), file_name="interpolation.png",
+                                     mime="image/png")
+
+with vary:
+    picture = ui.picture_source(model, "vary")
+    columns = st.columns(4)
+    strength = columns[0].slider("Strength", 0.0, 1.0, 0.6, 0.05, key="vary_strength",
+                                 help="0 returns the picture unchanged; 1 ignores it and draws a new bird")
+    steps = columns[1].slider("DDIM steps", 5, 100, 25, key="vary_steps", help="of the whole schedule; strength × "
+                              "steps of them run")
+    count = columns[2].number_input("Images", 1, 16, 8, key="vary_count")
+    seed = columns[3].number_input("Seed", 0, 2**31 - 1, 0, key="vary_seed")
+    if picture is not None:
+        st.image(grid_image(picture, padding=0).resize((128, 128)), caption="the input", width=128)
+        if st.button("Make variations", type="primary", key="vary_run"):
+            request = EditRequest("ddim", steps, float(strength), int(count), int(seed))
+            last = ui.run_steps(sdedit_steps(model, picture, request), max(1, round(strength * steps)),
+                                "Editing", cancel_key="vary_cancel")
+            st.session_state["varied"] = (grid_image(last.x.cpu()), strength)
+    if "varied" in st.session_state:
+        grid, shown_strength = st.session_state["varied"]
+        st.image(grid, caption=f"strength {shown_strength:.2f}", width=480)
+        st.download_button("Download PNG", png_bytes(grid), file_name="variations.png", mime="image/png")
+
+with inpaint:
+    picture = ui.picture_source(model, "fill")
+    size = model.network_config.image_size
+    columns = st.columns(4)
+    kind = columns[0].selectbox("Region to repaint", [*MASKS, "box"], key="fill_mask",
+                                format_func=lambda k: "a box (sliders below)" if k == "box" else f"the {k}")
+    steps = columns[1].slider("DDPM steps", 10, 100, 25, key="fill_steps")
+    resample = columns[2].slider("Resampling", 1, 10, 3, key="fill_resample",
+                                 help="RePaint's jumps back per step: more makes the new part fit better, and costs "
+                                      "that many times the steps")
+    count = columns[3].number_input("Images", 1, 8, 4, key="fill_count")
+    box = None
+    if kind == "box":
+        columns = st.columns(2)
+        left, right = columns[0].slider("Left to right", 0.0, 1.0, (0.25, 0.75), 0.05, key="fill_x")
+        top, bottom = columns[1].slider("Top to bottom", 0.0, 1.0, (0.25, 0.75), 0.05, key="fill_y")
+        box = (left, top, right, bottom)
+    try:
+        mask = make_mask(kind, size, box)
+    except EditError as error:
+        st.error(str(error))
+        mask = None
+    if picture is not None and mask is not None:
+        st.image(grid_image(picture * mask + (1 - mask) * HOLE, padding=0).resize((128, 128)),
+                 caption="kept pixels; magenta is repainted", width=128)
+        if st.button("Inpaint", type="primary", key="fill_run"):
+            total = RePaintSampler(model.schedule, steps, picture, mask, resample).evaluations
+            last = ui.run_steps(inpaint_steps(model, picture, mask, steps, resample, int(count), 0), total,
+                                "Inpainting", cancel_key="fill_cancel")
+            st.session_state["filled"] = grid_image(last.x.cpu())
+    if "filled" in st.session_state:
+        st.image(st.session_state["filled"], width=480)
+        st.download_button("Download PNG", png_bytes(st.session_state["filled"]), file_name="inpainted.png",
+                           mime="image/png")

@@ -57,7 +57,7 @@ def birdgen_step_fn(network, images, schedule):
     state = {"step": 0}
 
     def step():
-        x0, t, noise = draw_batch(images, stream, generator, schedule.num_steps)
+        x0, t, noise, _ = draw_batch(images, stream, generator, schedule.num_steps)
         loss = loss_fn(network, x0, t, noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)

@@ -47,7 +47,8 @@ class BirdModel:
     diffusion_config: DiffusionConfig
     path: Path | None = None
     training: dict | None = None  # {"steps", "images_seen", "train_hours"} when exported from a run
-    data: dict | None = None  # the crops and split it trained on (see `training_loop.data_record`)
+    data: dict | None = None  # the crops and split it trained on (see `data.split_record`)
+    species: list[list] | None = None  # [[class id, class folder name], …] by class index, for conditional models
 
     @cached_property
     def schedule(self) -> NoiseSchedule:
@@ -66,10 +67,16 @@ class BirdModel:
     def name(self) -> str:
         return self.path.name if self.path else "untrained"
 
-    def denoiser(self) -> Denoiser:
+    @property
+    def conditional(self) -> bool:
+        return self.network_config.num_classes > 0
+
+    def denoiser(self, labels: torch.Tensor | None = None, guidance: float = 1.0) -> Denoiser:
+        """`labels`: class indices (one per image) for a conditional model; see Denoiser for `guidance`."""
         cuda = self.device.type == "cuda"
         autocast = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
-        return Denoiser(self.network, self.schedule, autocast_dtype=autocast, channels_last=True)
+        return Denoiser(self.network, self.schedule, autocast_dtype=autocast, channels_last=True, labels=labels,
+                        guidance=guidance)
 
     def metrics(self) -> dict[str, dict]:
         """Stored evaluations by feature space ({"mobilenet": {...}, "inception": {...}}), or {}."""
@@ -108,7 +115,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_config: UNetConfig,
                diffusion_config: DiffusionConfig, half: bool = False, card: str | None = None,
-               training: dict | None = None, data: dict | None = None) -> Path:
+               training: dict | None = None, data: dict | None = None, species: list | None = None) -> Path:
     """Writes weights and config (each atomically) and the model card, if given; `training` records how
     much the weights were trained, so that comparisons can say when two models are not on equal footing;
     `data` records the crops and split, so that evaluation can find the crops the model never saw."""
@@ -120,7 +127,7 @@ def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_conf
     save_file(tensors, str(temporary), metadata={"format": FORMAT})
     os.replace(temporary, folder / WEIGHTS_FILE)
     extra = {"weights_dtype": str(dtype).removeprefix("torch.")} | ({"training": training} if training else {}) \
-        | ({"data": data} if data else {})
+        | ({"data": data} if data else {}) | ({"species": species} if species else {})
     atomic_write_text(folder / CONFIG_FILE, json.dumps(config_dict(network_config, diffusion_config, **extra),
                                                        indent=2) + "\n")
     if card is not None:
@@ -149,10 +156,19 @@ def read_config(folder: Path) -> tuple[UNetConfig, DiffusionConfig, dict]:
         except (TypeError, ValueError) as error:
             raise ModelError(f"{path}: {section}: {error}") from None
     network, diffusion = sections["network"], sections["diffusion"]
-    records = {key: raw[key] for key in ("training", "data") if raw.get(key) is not None}
+    records = {key: raw[key] for key in ("training", "data", "species") if raw.get(key) is not None}
     for key, value in records.items():
-        if not isinstance(value, dict):
-            raise ModelError(f"{path}: '{key}' must be an object, not {type(value).__name__}")
+        kind = list if key == "species" else dict
+        if not isinstance(value, kind):
+            raise ModelError(f"{path}: '{key}' must be {'a list' if kind is list else 'an object'}, not"
+                             f" {type(value).__name__}")
+    species = records.get("species")
+    if species is not None and (len(species) != network.num_classes or not all(
+            isinstance(s, list) and len(s) == 2 and isinstance(s[0], int) and isinstance(s[1], str) for s in species)):
+        raise ModelError(f"{path}: 'species' must list [class id, name] for each of the network's"
+                         f" {network.num_classes} classes")
+    if network.num_classes and species is None:
+        raise ModelError(f"{path}: the network knows {network.num_classes} species but 'species' does not name them")
     return network, diffusion, records
 
 
@@ -216,6 +232,7 @@ def load_model(path_or_hub_id: str | os.PathLike, device: str | torch.device = "
     load_weights(folder / WEIGHTS_FILE, model.network)
     model.network.to(device)
     model.path, model.training, model.data = folder, records.get("training"), records.get("data")
+    model.species = records.get("species")
     return model
 
 

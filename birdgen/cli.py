@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--strict", action="store_true", help="fail on a corrupt image instead of skipping it")
     prep.set_defaults(handler=cmd_prepare)
 
+    species = commands.add_parser("species", help="list the species a species model knows")
+    species.add_argument("--model", required=True, help="model folder or Hub id")
+    species.set_defaults(handler=cmd_species)
+
     presets = commands.add_parser("presets", help="list the U-Net presets and their parameter counts")
     presets.set_defaults(handler=cmd_presets)
 
@@ -71,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=int, default=16, help="number of images (default 16)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise, 0 (deterministic) … 1")
+    sample.add_argument("--species", action="append", metavar="ID|NAME",
+                        help="species model only: a class id (17) or name (Cardinal); repeat it, or say 'all', for one"
+                             " row of --num images per species")
+    sample.add_argument("--guidance", type=float, default=3.0,
+                        help="classifier-free guidance with --species: 0 ignores the species, 1 plain conditional,"
+                             " higher follows it more closely (0-15, default 3)")
     sample.add_argument("--out", default="samples.png", help="grid PNG to write (default samples.png)")
     sample.add_argument("--individual", metavar="DIR", help="also write each image as DIR/NNNN.png")
     sample.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -200,7 +210,15 @@ def cmd_sample(args) -> int:
         model = load_model(args.model, device)
     else:
         model = build_model(preset(args.preset), DiffusionConfig(), device)
-    request = GenerationRequest(args.sampler, args.steps, args.num, args.seed, args.eta)
+    species = ()
+    if args.species:
+        from .species import require_species_model, resolve_species
+
+        require_species_model(model)
+        species = tuple(range(model.network_config.num_classes)) if [s.lower() for s in args.species] == ["all"] \
+            else tuple(resolve_species(model, text) for text in args.species)
+    request = GenerationRequest(args.sampler, args.steps, args.num, args.seed, args.eta, species,
+                                args.guidance if species else 1.0)
     print(f"{model.name}: {model.parameter_count:,} parameters on {machine_description(device)}")
     from tqdm.auto import tqdm
 
@@ -210,7 +228,7 @@ def cmd_sample(args) -> int:
         for step in generation_steps(model, request):
             bar.update(1)
     seconds = time.perf_counter() - started
-    path = save_grid(step.x, args.out)
+    path = save_grid(step.x, args.out, columns=args.num if len(species) > 1 else None)
     if args.individual:
         from .utils import grid_image
 
@@ -218,7 +236,24 @@ def cmd_sample(args) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(step.x):
             grid_image(image[None], padding=0).save(folder / f"{index:04d}.png")
-    print(f"{args.num} images, {step.num_steps} {args.sampler} steps in {seconds:.1f} s on {device}; wrote {path}")
+    if species:
+        from .species import species_names
+
+        names = species_names(model)
+        print(f"rows: {', '.join(names[s] for s in species)} (guidance {args.guidance:g})")
+    print(f"{request.total_images} images, {step.num_steps} {args.sampler} steps in {seconds:.1f} s on {device};"
+          f" wrote {path}")
+    return 0
+
+
+def cmd_species(args) -> int:
+    from .species import readable, require_species_model
+
+    model = load_model(args.model)
+    require_species_model(model)
+    print(f"{model.name} knows {len(model.species)} species (id, name):")
+    for class_id, name in model.species:
+        print(f"{class_id:>4}  {readable(name)}")
     return 0
 
 

@@ -112,9 +112,10 @@ class DiffusionLoss:
         self.schedule = schedule
         self.min_snr_gamma = min_snr_gamma
 
-    def __call__(self, model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def __call__(self, model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
         x_t = self.schedule.add_noise(x0, noise, t)
-        output = model(x_t, t)
+        output = model(x_t, t) if labels is None else model(x_t, t, labels)
         if self.schedule.config.prediction == "epsilon":
             target = noise
         else:

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from .checkpoint import CARD_FILE, METRICS_FILE, atomic_write_text, load_model, read_metrics_file
 from .data import load_crops, split_record
 from .diffusion import heldout_loss
@@ -14,6 +16,7 @@ from .training_loop import TrainConfig, export_run, read_metrics
 from .utils import save_grid
 
 GRID_SEED = 0
+CARD_GUIDANCE = 3.0
 
 
 def plot_loss(records: list[dict], path: Path) -> None:
@@ -44,7 +47,9 @@ def export_with_card(run_dir: str | os.PathLike, out: str | os.PathLike, half: b
     model = load_model(out)
 
     noise, generator = initial_noise(64, config.image_size, GRID_SEED)
-    images = run_to_end(DDIMSampler(model.schedule, min(50, model.schedule.num_steps)), model.denoiser(), noise, generator)
+    labels = torch.arange(64) % model.network_config.num_classes if model.conditional else None
+    denoiser = model.denoiser(labels, CARD_GUIDANCE)
+    images = run_to_end(DDIMSampler(model.schedule, min(50, model.schedule.num_steps)), denoiser, noise, generator)
     save_grid(images, out / "samples.png", columns=8)
     records = read_metrics(run_dir)
     if records:
@@ -89,8 +94,8 @@ birdgen train --out {run_dir} {command_flags(config)}
 
 {quality_section(read_metrics_file(out / METRICS_FILE), out)}
 
-## Samples
-DDIM, 50 steps, seed {GRID_SEED}:
+{species_section(model)}## Samples
+DDIM, 50 steps, seed {GRID_SEED}{f", species 1, 2, 3, … in reading order, guidance {CARD_GUIDANCE:g}" if model.conditional else ""}:
 
 ![samples](samples.png)
 
@@ -115,6 +120,25 @@ def command_flags(config: TrainConfig) -> str:
         else:
             flags.append(f"{flag} {value}")
     return " ".join(flags)
+
+
+def species_section(model) -> str:
+    """For a species model: what it knows and how to ask for one."""
+    if not model.conditional:
+        return ""
+    from .species import readable
+
+    rows = "\n".join(f"| {class_id} | {readable(name)} |" for class_id, name in model.species)
+    return f"""## Species
+A class-conditional model with classifier-free guidance: it knows {len(model.species)} species (and "any
+species"). Ask for one by id or name, e.g.
+`birdgen sample --model THIS_FOLDER --species {model.species[0][0]} --guidance 3`.
+
+| id | species |
+|---|---|
+{rows}
+
+"""
 
 
 QUALITY_HEADING = "## Quality"

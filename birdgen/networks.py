@@ -32,6 +32,7 @@ class UNetConfig:
     time_conditioning: str = "every_block"  # or "input": embedding concatenated to the stem only
     time_embedding_channels: int = 128
     dropout: float = 0.0
+    num_classes: int = 0  # species the network is conditioned on; 0 = unconditional
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(self.channels))
@@ -46,6 +47,8 @@ class UNetConfig:
             raise ValueError(f"stem_factor {self.stem_factor} must be 1, 2 or 4")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout {self.dropout} out of range [0, 1)")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes {self.num_classes} must not be negative")
         divisor = self.downsampling_factor
         if self.image_size % divisor:
             raise ValueError(f"image size {self.image_size} is not divisible by the U-Net's total "
@@ -167,6 +170,11 @@ class UNet(nn.Module):
         block_emb = 4 * emb if every_block else None
         if every_block:
             self.time_mlp = nn.Sequential(nn.Linear(emb, 4 * emb), nn.SiLU(), nn.Linear(4 * emb, 4 * emb))
+        if c.num_classes:
+            # One row per species and a last one for "no species" (classifier-free guidance);
+            # zero at the start, so a conditional network starts as the unconditional one.
+            self.class_embedding = nn.Embedding(c.num_classes + 1, block_emb or emb)
+            nn.init.zeros_(self.class_embedding.weight)
         stem_in = c.in_channels * c.stem_factor ** 2
         self.stem = nn.Conv2d(stem_in, c.channels[0], 3, padding=1)
         first = c.channels[0] + (0 if every_block else emb)
@@ -207,7 +215,14 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    @property
+    def null_class(self) -> int:
+        """The "no species" index of the class embedding."""
+        return self.config.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """`labels`: class indices 0 … num_classes (the last means "no species"); None = no species.
+        An unconditional network ignores them."""
         c = self.config
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -217,7 +232,11 @@ class UNet(nn.Module):
         h = self.stem(x)
         if c.time_conditioning == "every_block":
             embedding = self.time_mlp(embedding)
-        else:
+        if c.num_classes:
+            if labels is None:
+                labels = torch.full((x.shape[0],), self.null_class, device=x.device, dtype=torch.long)
+            embedding = embedding + self.class_embedding(labels).to(embedding.dtype)  # ADM-style: e(t) + e(y)
+        if c.time_conditioning != "every_block":
             h = torch.cat([h, embedding[:, :, None, None].expand(-1, -1, *h.shape[2:]).to(h.dtype)], dim=1)
             embedding = None
         skips = [h]

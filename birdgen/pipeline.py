@@ -14,6 +14,7 @@ from .checkpoint import BirdModel
 from .samplers import Sampler, SamplerStep, initial_noise, make_sampler
 
 MAX_IMAGES = 256
+MAX_GUIDANCE = 15.0
 
 
 @dataclass
@@ -23,10 +24,20 @@ class GenerationRequest:
     num_images: int = 16  # 1 … MAX_IMAGES
     seed: int = 0
     eta: float = 0.0  # DDIM only, [0, 1]
+    species: tuple[int, ...] = ()  # class indices of a species model: num_images of each, one row per species
+    guidance: float = 1.0  # classifier-free guidance w, [0, MAX_GUIDANCE]: 0 ignores the species, 1 plain conditional
+
+    @property
+    def total_images(self) -> int:
+        return self.num_images * max(1, len(self.species))
 
     def validate(self) -> None:
         if not 1 <= self.num_images <= MAX_IMAGES:
             raise ValueError(f"number of images {self.num_images} out of range [1, {MAX_IMAGES}]")
+        if self.total_images > MAX_IMAGES:
+            raise ValueError(f"{self.num_images} images × {len(self.species)} species is more than {MAX_IMAGES}")
+        if not 0 <= self.guidance <= MAX_GUIDANCE:
+            raise ValueError(f"guidance {self.guidance} out of range [0, {MAX_GUIDANCE:g}]")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed {self.seed} out of range [0, 2^63)")
 
@@ -41,10 +52,18 @@ def generation_steps(model: BirdModel, request: GenerationRequest,
     """Yields every sampler step for this request. `noise` overrides the seeded x_T (the
     Compare page passes the same noise to two models)."""
     sampler = make_request_sampler(model, request)
-    seeded, generator = initial_noise(request.num_images, model.network_config.image_size, request.seed,
+    labels = None
+    if request.species:
+        from .species import require_species_model
+
+        require_species_model(model)
+        if not all(0 <= s < model.network_config.num_classes for s in request.species):
+            raise ValueError(f"species index out of range [0, {model.network_config.num_classes})")
+        labels = torch.tensor(request.species, device=model.device).repeat_interleave(request.num_images)
+    seeded, generator = initial_noise(request.total_images, model.network_config.image_size, request.seed,
                                       model.device, model.network_config.in_channels)
     x_t = seeded if noise is None else noise.to(model.device)
-    yield from sampler.steps(model.denoiser(), x_t, generator)
+    yield from sampler.steps(model.denoiser(labels, request.guidance), x_t, generator)
 
 
 @dataclass

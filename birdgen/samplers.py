@@ -40,24 +40,51 @@ class Denoiser:
 
     `autocast_dtype` (torch.bfloat16 or torch.float16) runs the network under autocast on
     the input's device; the estimates are always float32.
+
+    For a class-conditional network, `labels` (one class index per image) and `guidance` w
+    apply classifier-free guidance (Ho & Salimans 2022, eq. 6) to the network's output:
+    out = out_uncond + w (out_cond - out_uncond), both halves in one batched forward pass.
+    w = 1 is the plain conditional output (one pass), w = 0 the unconditional one. The
+    combination is linear in the output, so it holds for epsilon and v targets alike.
     """
 
     def __init__(self, model: torch.nn.Module, schedule: NoiseSchedule, autocast_dtype: torch.dtype | None = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, labels: torch.Tensor | None = None, guidance: float = 1.0):
         self.model = model
         self.schedule = schedule
         self.autocast_dtype = autocast_dtype
         self.channels_last = channels_last
+        self.labels = labels
+        self.guidance = guidance
 
-    @torch.no_grad()
-    def __call__(self, x_t: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def output(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """The network's guided output at one timestep, float32."""
         timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        if self.labels is None:
+            return self._network(x_t, timesteps, None)
+        labels = self.labels.to(x_t.device)
+        null = torch.full_like(labels, self.model.null_class)
+        if self.guidance == 1:
+            return self._network(x_t, timesteps, labels)
+        if self.guidance == 0:
+            return self._network(x_t, timesteps, null)
+        both = self._network(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), torch.cat([labels, null]))
+        conditional, unconditional = both.chunk(2)
+        return unconditional + self.guidance * (conditional - unconditional)
+
+    def _network(self, x_t, timesteps, labels) -> torch.Tensor:
         network_input = x_t.contiguous(memory_format=torch.channels_last) if self.channels_last else x_t
         context = (torch.autocast(x_t.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                    else nullcontext())
         with context:
-            output = self.model(network_input, timesteps)
-        return self.schedule.predict_x0_and_eps(output.float().contiguous(), x_t, timesteps)
+            output = self.model(network_input, timesteps) if labels is None else self.model(network_input, timesteps,
+                                                                                              labels)
+        return output.float().contiguous()
+
+    @torch.no_grad()
+    def __call__(self, x_t: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        return self.schedule.predict_x0_and_eps(self.output(x_t, t), x_t, timesteps)
 
 
 class Sampler:

@@ -11,6 +11,7 @@ A run folder holds::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from .networks import UNet, UNetConfig, parameter_count, preset
 from .samplers import DDIMSampler, Denoiser, initial_noise, run_to_end
 from .utils import check_field_types, machine_description, save_grid
 
+PREVIEW_GUIDANCE = 3.0  # species models' previews: one species per image, guided
 # Settings that may change when a run is resumed; any other difference means another run.
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_threads",
                      "log", "progress", "compile", "max_nonfinite", "device", "precision", "channels_last"}
@@ -56,6 +58,10 @@ class TrainConfig:
     attention: bool | None = None  # None keeps the preset's; False removes it; True adds it at 8x8
     dropout: float | None = None  # None keeps the preset's
     channels: tuple[int, ...] | None = None  # feature channels per level; None keeps the preset's
+    # Species (classifier-free guidance, Ho & Salimans 2022)
+    conditional: bool = False  # condition the network on the species label
+    label_dropout: float = 0.1  # share of labels replaced by "no species" during training
+    init_from: str = ""  # model folder to start from (an unconditional one gets a zero class embedding)
     # Diffusion (the report's Table 1: 1000 steps, cosine schedule with s = 0.008)
     schedule: str = "cosine"
     noise_steps: int = 1000
@@ -101,6 +107,10 @@ class TrainConfig:
                 raise TrainingError(f"{name} must not be negative (got {getattr(self, name)})")
         if not 0 <= self.ema_decay < 1:
             raise TrainingError(f"ema_decay {self.ema_decay} out of range [0, 1)")
+        if not 0 <= self.label_dropout <= 1:
+            raise TrainingError(f"label_dropout {self.label_dropout} out of range [0, 1]")
+        if self.init_from and not (Path(self.init_from) / "config.json").is_file():
+            raise TrainingError(f"init_from {self.init_from}: not a model folder (no config.json)")
         choices = {"lr_schedule": ("constant", "cosine"), "precision": ("auto", "fp32", "bf16", "fp16"),
                    "log": ("none", "tensorboard", "wandb"), "train_on": ("train", "all"),
                    "split": ("official", "random"), "crop": ("square", "bbox")}
@@ -209,18 +219,26 @@ class BatchStream:
 
 
 def draw_batch(images: torch.Tensor, stream: BatchStream, generator: torch.Generator, num_steps: int,
-               local: slice = slice(None), channels_last: bool = True):
-    """The next (x0, t, noise) for this process. The whole global batch is drawn on every
-    process, then sliced, so any number of processes sees the same images, timesteps and
-    noise as a single one."""
+               local: slice = slice(None), channels_last: bool = True, labels: torch.Tensor | None = None,
+               label_dropout: float = 0.0, null_class: int = 0):
+    """The next (x0, t, noise, class labels or None) for this process. The whole global batch
+    is drawn on every process, then sliced, so any number of processes sees the same images,
+    timesteps, noise and labels as a single one. With `labels` (a class index per image), a
+    `label_dropout` share of them becomes `null_class`, which teaches the network the
+    unconditional prediction that classifier-free guidance needs."""
     device = images.device
-    batch = random_flip(to_model_range(images[stream.next().to(device)]), generator)
+    indices = stream.next()
+    batch = random_flip(to_model_range(images[indices.to(device)]), generator)
     t = torch.randint(0, num_steps, (len(batch),), generator=generator)
     noise = torch.randn(batch.shape, generator=generator)
+    y = None
+    if labels is not None:
+        dropped = torch.rand(len(batch), generator=generator) < label_dropout
+        y = torch.where(dropped, null_class, labels[indices])[local].to(device)
     x0, t, noise = batch[local], t[local].to(device), noise[local].to(device)
     if channels_last:
         x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
-    return x0, t, noise
+    return x0, t, noise, y
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:
@@ -416,10 +434,18 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
     part = "all" if config.train_on == "all" else "train"
     train_indices = crops.split_indices(config.split, part, config.seed, config.test_fraction)
     images = torch.from_numpy(crops.images[train_indices]).to(device)  # uint8 NHWC, converted per batch
+    species, labels = [], None
+    if config.conditional:  # every species of the dataset, in class-id order; index len(species) = none
+        species = [[int(c), crops.class_names.get(int(c), str(c))] for c in sorted(set(crops.labels.tolist()))]
+        index_of = {class_id: index for index, (class_id, _) in enumerate(species)}
+        labels = torch.tensor([index_of[int(c)] for c in crops.labels[train_indices]], dtype=torch.long)
 
-    network_config, diffusion_config = config.network_config(), config.diffusion_config()
+    network_config = dataclasses.replace(config.network_config(), num_classes=len(species))
+    diffusion_config = config.diffusion_config()
     torch.manual_seed(config.seed)
     model = UNet(network_config).to(device)
+    if config.init_from:  # a resumed run then loads its checkpoint over these weights
+        initialise_from(model, config.init_from, diffusion_config)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, config.ema_decay)
@@ -460,7 +486,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
             (run_dir / "metrics.jsonl").write_text("")
             atomic_write_text(run_dir / "run.json", json.dumps({
                 "machine": machine, "parameters": parameter_count(model),
-                "world_size": world.world_size, "train_images": len(train_indices),
+                "world_size": world.world_size, "train_images": len(train_indices), "species": species,
                 **config_dict(network_config, diffusion_config)}, indent=2) + "\n")
         else:
             run_info = json.loads((run_dir / "run.json").read_text())
@@ -498,7 +524,9 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
 
     def preview() -> None:
         noise, sample_generator = initial_noise(config.sample_count, config.image_size, seed=1234, device=device)
-        denoiser = Denoiser(ema.model, schedule, autocast_dtype, config.channels_last)
+        preview_labels = torch.arange(config.sample_count, device=device) % len(species) if species else None
+        denoiser = Denoiser(ema.model, schedule, autocast_dtype, config.channels_last, preview_labels,
+                            PREVIEW_GUIDANCE)
         images = run_to_end(DDIMSampler(schedule, config.sample_steps), denoiser, noise, sample_generator)
         (run_dir / "samples").mkdir(exist_ok=True)
         save_grid(images, run_dir / "samples" / f"step-{step:07d}.png")
@@ -514,9 +542,10 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
     try:
         while step < config.steps and not stop_signal:
             started = time.perf_counter()
-            x0, t, noise = draw_batch(images, stream, generator, schedule.num_steps, local, config.channels_last)
+            x0, t, noise, y = draw_batch(images, stream, generator, schedule.num_steps, local, config.channels_last,
+                                         labels, config.label_dropout, len(species))
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                loss = loss_fn(trained, x0, t, noise)
+                loss = loss_fn(trained, x0, t, noise, y)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
@@ -600,6 +629,34 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def initialise_from(model: UNet, folder: str, diffusion_config: DiffusionConfig) -> None:
+    """Starts `model` from a model folder's weights: the same network, except that a
+    conditional model may start from an unconditional one, whose missing class embedding
+    stays zero, so the new model begins exactly as the old one."""
+    from .checkpoint import ModelError, load_model
+
+    try:
+        source = load_model(folder)
+    except ModelError as error:
+        raise TrainingError(f"init_from: {error}") from None
+    mine, theirs = dataclasses.asdict(model.config), dataclasses.asdict(source.network_config)
+    different = sorted(k for k in mine if k != "num_classes" and mine[k] != theirs[k])
+    if different:
+        raise TrainingError(f"init_from {folder}: its network differs in {', '.join(different)}; pick the same preset"
+                            " and settings")
+    if source.diffusion_config != diffusion_config:
+        raise TrainingError(f"init_from {folder}: it was trained with another noise schedule or prediction target"
+                            f" ({source.diffusion_config.schedule}, {source.diffusion_config.prediction}); use the same")
+    if source.network_config.num_classes not in (0, model.config.num_classes):
+        raise TrainingError(f"init_from {folder}: it knows {source.network_config.num_classes} species, this run"
+                            f" {model.config.num_classes}")
+    state = source.network.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(key != "class_embedding.weight" for key in missing):
+        raise TrainingError(f"init_from {folder}: weights do not fit ({len(missing)} missing, {len(unexpected)}"
+                            " unexpected)")
+
+
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = True, card: str | None = None,
                data: dict | None = None) -> Path:
     """Writes the latest checkpoint's EMA weights as a model folder (with `data`, the split record)."""
@@ -608,10 +665,13 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = 
     if latest is None:
         raise TrainingError(f"{run_dir}: no complete checkpoint to export")
     config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
-    network = UNet(config.network_config())
+    run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    species = run_info.get("species") or []
+    network_config = dataclasses.replace(config.network_config(), num_classes=len(species))
+    network = UNet(network_config)
     network.load_state_dict(load_file(str(latest / "ema.safetensors")))
     state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)
     training = {"steps": state["step"], "images_seen": state["images_seen"],
                 "train_hours": round(state["train_seconds"] / 3600, 2)}
-    return save_model(out, network, config.network_config(), config.diffusion_config(), half=half, card=card,
-                      training=training, data=data)
+    return save_model(out, network, network_config, config.diffusion_config(), half=half, card=card,
+                      training=training, data=data, species=species or None)

@@ -4,6 +4,7 @@ sampler controls and a generation run with a live progress bar. Pages stay short
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 from pathlib import Path
@@ -106,6 +107,46 @@ def sampler_controls(key: str = "gen", max_images: int = 16, default_images: int
     seed = columns[0].number_input("Seed", 0, 2**31 - 1, step=1, key=seed_key)
     count = columns[2].number_input("Images", 1, min(max_images, MAX_IMAGES), default_images, key=f"{key}_count")
     return GenerationRequest(sampler, int(steps), int(count), int(seed), float(eta))
+
+
+def species_controls(model: BirdModel, key: str) -> tuple[int | None, float]:
+    """A searchable species picker ("any species" first) and the guidance slider, shown only for
+    a species model. Returns (the chosen CUB class id or None, guidance)."""
+    if not model.conditional:
+        return None, 1.0
+    from .species import readable
+
+    options = [None] + [class_id for class_id, _ in model.species]
+    names = {class_id: f"{readable(name)} ({class_id})" for class_id, name in model.species}
+    columns = st.columns(2)
+    class_id = columns[0].selectbox("Species", options, key=f"{key}_species",
+                                    format_func=lambda c: "any species" if c is None else names[c],
+                                    help="Type to search. 'any species' samples without a label.")
+    guidance = columns[1].slider("Guidance", 0.0, 10.0, 3.0, 0.5, key=f"{key}_guidance", disabled=class_id is None,
+                                 help="How closely to follow the species: 0 ignores it, 1 is the plain conditional "
+                                      "model, higher gives more typical birds of it with less variety.")
+    return class_id, float(guidance)
+
+
+def with_species(model: BirdModel, request: GenerationRequest, class_id: int | None,
+                 guidance: float) -> GenerationRequest:
+    """The request for `model` with the species `class_id`, if the model knows it (else as it is)."""
+    if class_id is None or not model.conditional:
+        return request
+    indices = [i for i, (known, _) in enumerate(model.species) if known == class_id]
+    if not indices:
+        return request
+    return dataclasses.replace(request, species=(indices[0],), guidance=guidance)
+
+
+def species_label(model: BirdModel, request: GenerationRequest) -> str:
+    """' · Cardinal, guidance 3' for a species request, else ''."""
+    if not request.species:
+        return ""
+    from .species import species_names
+
+    names = species_names(model)
+    return f" · {', '.join(names[s] for s in request.species)}, guidance {request.guidance:g}"
 
 
 def _randomize_seed(seed_key: str) -> None:

@@ -19,7 +19,15 @@ with pickers[0]:
 with pickers[1]:
     right = ui.model_picker("Right model", key="right", prefer="small")
     st.caption(ui.stored_metrics_text(right))
+species_model = left if left.conditional else right
+species, guidance = ui.species_controls(species_model, "cmp")
 request = ui.sampler_controls("cmp", max_images=16, default_images=8)
+requests = [ui.with_species(model, request, species, guidance) for model in (left, right)]
+if species is not None:
+    ignoring = [m.name for m, r in zip((left, right), requests) if not r.species]
+    if ignoring:
+        st.info(f"{' and '.join(ignoring)} cannot take this species (not a species model, or one that does not "
+                "know it), so it samples without one from the same noise.")
 if left.network_config.image_size != right.network_config.image_size:
     st.error("These models make images of different sizes, so they cannot share the same noise.")
     st.stop()
@@ -31,9 +39,9 @@ if st.button("Generate both", type="primary", key="compare"):
                              left.network_config.in_channels)
     results = []
     with ui.queued_turn():
-        for model in (left, right):
+        for model, model_request in zip((left, right), requests):
             bar, on_step = ui.progress_callback(f"Denoising with {model.name}")
-            results.append((model.name, generate(model, request, noise=noise, on_step=on_step)))
+            results.append((model.name, generate(model, model_request, noise=noise, on_step=on_step)))
             bar.empty()
     st.session_state["comparison"] = [(name, grid_image(r.images), r.seconds) for name, r in results]
 

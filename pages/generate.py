@@ -16,7 +16,8 @@ st.markdown("A diffusion model turns pure noise into a 64×64 bird, one denoisin
 controls, output = st.columns([1, 2])
 with controls:
     model = ui.model_picker(prefer="small-attn")
-    request = ui.sampler_controls("gen")
+    species, guidance = ui.species_controls(model, "gen")
+    request = ui.with_species(model, ui.sampler_controls("gen"), species, guidance)
     pressed = st.button("Generate", type="primary", key="generate")
     cancelled = st.session_state.get("cancel", False)
 
@@ -34,7 +35,8 @@ with output:
         st.info("Generation cancelled.")
     if "generated" in st.session_state:
         name, shown, image, seconds = st.session_state["generated"]
-        st.image(image, caption=f"{name} · {shown.sampler} · {shown.steps} steps · seed {shown.seed}", width=560)
+        st.image(image, caption=f"{name} · {shown.sampler} · {shown.steps} steps · seed {shown.seed}"
+                 f"{ui.species_label(model, shown)}", width=560)
         st.caption(f"{shown.num_images} images in {seconds:.1f} s · {ui.describe(model)}")
         st.download_button("Download PNG", png_bytes(image), file_name=f"birds-{name}-seed{shown.seed}.png",
                            mime="image/png")

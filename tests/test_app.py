@@ -245,3 +245,35 @@ def test_explore_page_explains_bad_uploads(models, data, message):
     assert not at.exception
     assert at.error[0].value.startswith("upload.png: ") and message in at.error[0].value
     assert not any(b.key == "vary_run" for b in at.button)
+
+
+def test_species_controls_appear_only_for_a_species_model(models):
+    from birdgen.diffusion import DiffusionConfig as Diffusion
+
+    network = build_model(preset("small", channels=(8, 16), num_classes=2), Diffusion(num_steps=100))
+    save_model(models / "species", network.network, network.network_config, network.diffusion_config,
+               species=[[17, "017.Cardinal"], [47, "047.American_Goldfinch"]])
+    at = app(PAGES / "generate.py")
+    assert not [s for s in at.selectbox if s.label == "Species"]  # small-attn: unconditional, no picker
+    at.selectbox(key="model").set_value("species").run()
+    picker = at.selectbox(key="gen_species")
+    assert picker.options == ["any species", "Cardinal (17)", "American Goldfinch (47)"]
+    picker.set_value(17).run()
+    at.slider(key="gen_guidance").set_value(2.0)
+    at.slider(key="gen_steps_ddim").set_value(3)
+    at.number_input(key="gen_count").set_value(2)
+    at.button(key="generate").click().run()
+    assert not at.exception
+    assert "seed 0 · Cardinal, guidance 2" in at.get("image")[0].proto.imgs[0].caption
+
+    for page, key in (("denoising.py", "chain_species"), ("compare.py", "cmp_species")):
+        at = app(PAGES / page)
+        assert not [s for s in at.selectbox if s.label == "Species"]
+        select = at.selectbox(key="model" if page == "denoising.py" else "left")
+        select.set_value("species").run()
+        assert at.selectbox(key=key).options[0] == "any species"
+    at.selectbox(key="cmp_species").set_value(47)
+    at.number_input(key="cmp_count").set_value(2)
+    at.slider(key="cmp_steps_ddim").set_value(2)
+    at.button(key="compare").click().run()
+    assert not at.exception and "small cannot take this species" in at.info[0].value

@@ -206,6 +206,15 @@ def real_features(crops: CubCrops, indices: np.ndarray, extractor: nn.Module, id
 
 
 @dataclass
+class Evaluation:
+    """What `evaluate` found: the record stored in metrics.json, and the closest
+    (generated, training crop) image pairs of the memorization check, uint8 HWC."""
+
+    metrics: dict
+    closest_pairs: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
 class EvalSettings:
     reference: str = "heldout"  # real crops to compare with: the model's "heldout" crops or its "train" crops
     num_samples: int = 1000
@@ -241,9 +250,9 @@ def generate_uint8(model: BirdModel, settings: EvalSettings, progress: Progress 
 
 
 def evaluate(model: BirdModel, crops: CubCrops, settings: EvalSettings, extractor: nn.Module, identity: str,
-             feature_space: str, progress: Progress | None = None) -> dict:
+             feature_space: str, progress: Progress | None = None) -> Evaluation:
     """Generates settings.num_samples birds and scores them against the real crops of the
-    model's own split; returns the record `write_metrics` stores."""
+    model's own split."""
     settings.validate()
     started = time.perf_counter()
     where = str(model.path or model.name)
@@ -286,12 +295,12 @@ def evaluate(model: BirdModel, crops: CubCrops, settings: EvalSettings, extracto
              "mirrored": t >= count} for g, t in closest]
         report["num_train"], report["num_heldout"] = count, len(heldout_indices)
         result["memorization"] = report
-        result["_pairs"] = [(generated[g], torch.from_numpy(sets_image(crops, train_indices, t))) for g, t in closest]
+        pairs = [(generated[g], torch.from_numpy(sets_image(crops, train_indices, t))) for g, t in closest]
     import torchmetrics
 
     result.update({"torch": torch.__version__, "torchmetrics": torchmetrics.__version__,
                    "wall_time_s": round(time.perf_counter() - started, 1)})
-    return result
+    return Evaluation(result, pairs if settings.memorization else [])
 
 
 def sets_image(crops: CubCrops, train_indices: np.ndarray, index: int) -> np.ndarray:
@@ -308,16 +317,15 @@ def describe_split(record: dict, reference: str, count: int) -> str:
     return f"{count} {part} crops of {record['dataset']} (official train/test split)"
 
 
-def write_metrics(model: BirdModel, metrics: dict) -> Path:
+def write_metrics(model: BirdModel, evaluation: Evaluation) -> Path:
     """Stores one evaluation in the model folder's metrics.json under its feature space (other
     feature spaces' results stay), and the closest generated/training pairs as a PNG."""
     path = model.path / METRICS_FILE
-    pairs = metrics.pop("_pairs", None)
     stored = read_metrics_file(path)
-    stored[metrics["feature_space"]] = metrics
+    stored[evaluation.metrics["feature_space"]] = evaluation.metrics
     atomic_write_text(path, json.dumps(stored, indent=2) + "\n")
-    if pairs:
-        save_pairs(pairs, model.path / MEMORIZATION_PAIRS_FILE)
+    if evaluation.closest_pairs:
+        save_pairs(evaluation.closest_pairs, model.path / MEMORIZATION_PAIRS_FILE)
     return path
 
 
@@ -395,14 +403,13 @@ def cmd_eval(args) -> int:
         bar = bars.setdefault(stage, tqdm(total=total, desc=stage.capitalize(), unit="img"))
         bar.update(done - bar.n)
 
-    metrics = evaluate(model, crops, settings, extractor, extractor.identity, feature_space, progress)
+    evaluation = evaluate(model, crops, settings, extractor, extractor.identity, feature_space, progress)
     for bar in bars.values():
         bar.close()
     if Path(args.model).is_dir():  # never into the Hub cache
-        path = write_metrics(model, metrics)
+        path = write_metrics(model, evaluation)
         update_card_quality(model.path)
-        print(f"{summary(metrics)}\nwrote {path}")
+        print(f"{summary(evaluation.metrics)}\nwrote {path}")
     else:
-        metrics.pop("_pairs", None)
-        print(summary(metrics))
+        print(summary(evaluation.metrics))
     return 0

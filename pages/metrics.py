@@ -75,4 +75,4 @@ if st.button("Run evaluation", type="primary", key="evaluate"):
         st.stop()
     write_metrics(model, result)
     update_card_quality(model.path)
-    st.success(f"{summary(result)} — saved to {model.path / 'metrics.json'}")
+    st.success(f"{summary(result.metrics)} — saved to {model.path / 'metrics.json'}")

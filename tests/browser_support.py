@@ -27,14 +27,16 @@ def chromium_path() -> str | None:
 
 
 @contextlib.contextmanager
-def streamlit_app(env_overrides: dict[str, str] | None = None, start_timeout_s: float = 90):
-    """Yields the URL of a fresh `streamlit run app.py` on a free local port."""
+def streamlit_app(env_overrides: dict[str, str] | None = None, start_timeout_s: float = 90,
+                  extra_args: tuple[str, ...] = (), with_process: bool = False):
+    """Yields the URL of a fresh `streamlit run app.py` on a free local port (and its process,
+    if asked); `extra_args` are more `streamlit run` options."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless",
                                 "true", "--server.port", str(port), "--server.address", "127.0.0.1",
-                                "--browser.gatherUsageStats", "false"], cwd=REPO,
+                                "--browser.gatherUsageStats", "false", *extra_args], cwd=REPO,
                                env={**os.environ, **(env_overrides or {})},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -50,7 +52,7 @@ def streamlit_app(env_overrides: dict[str, str] | None = None, start_timeout_s: 
                     output = process.stdout.read().decode(errors="replace")[-2000:]
                     raise RuntimeError(f"streamlit did not start: {output}") from None
                 time.sleep(0.5)
-        yield url
+        yield (url, process) if with_process else url
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -1,6 +1,7 @@
 """End to end in a real browser: `streamlit run app.py` on localhost, driven by Playwright in
 the system's Chromium. Screenshots land in test-artifacts/ for a person to look at."""
 
+import contextlib
 import re
 import time
 
@@ -12,11 +13,24 @@ pytestmark = pytest.mark.browser
 ARTIFACTS = REPO / "test-artifacts"
 
 
-@pytest.fixture(scope="module")
-def browser_and_url(tmp_path_factory):
+def require_browser() -> None:
     pytest.importorskip("playwright.sync_api")
     if chromium_path() is None:
         pytest.skip("no Chromium on PATH (Debian: apt-get install chromium)")
+    ARTIFACTS.mkdir(exist_ok=True)
+
+
+@contextlib.contextmanager
+def fresh_server_page(env: dict, height: int = 1000):
+    """A new `streamlit run app.py` that nothing has visited yet, and a page to visit it with."""
+    require_browser()
+    with streamlit_app(env) as url, chromium() as browser:
+        yield url, browser.new_page(viewport={"width": 1400, "height": height})
+
+
+@pytest.fixture(scope="module")
+def browser_and_url(tmp_path_factory):
+    require_browser()
     env = {"BIRDGEN_RUNS_DIR": str(tmp_path_factory.mktemp("runs"))}
     if not any((p / "config.json").is_file() for p in (REPO / "models").glob("*")):
         from birdgen.checkpoint import build_model, save_model
@@ -34,7 +48,6 @@ def browser_and_url(tmp_path_factory):
 
 def test_generate_birds_in_the_browser(browser_and_url):
     browser, url = browser_and_url
-    ARTIFACTS.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(url, wait_until="networkidle")
     seconds = generate_four_birds(page, steps=10)
@@ -59,12 +72,7 @@ def test_denoising_page_renders_a_frame(browser_and_url):
 
 
 def test_a_page_link_opened_first_on_a_fresh_server_shows_the_app_navigation(tmp_path):
-    pytest.importorskip("playwright.sync_api")
-    if chromium_path() is None:
-        pytest.skip("no Chromium on PATH (Debian: apt-get install chromium)")
-    ARTIFACTS.mkdir(exist_ok=True)
-    with streamlit_app({"BIRDGEN_RUNS_DIR": str(tmp_path / "runs")}) as url, chromium() as browser:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    with fresh_server_page({"BIRDGEN_RUNS_DIR": str(tmp_path / "runs")}) as (url, page):
         page.goto(url + "/compare", wait_until="networkidle")  # a bookmark: the server has run nothing yet
         page.get_by_text("Compare models").first.wait_for(timeout=60_000)
         nav = page.locator("[data-testid='stSidebarNav']")
@@ -77,16 +85,12 @@ def test_a_page_link_opened_first_on_a_fresh_server_shows_the_app_navigation(tmp
 
 
 def test_the_train_page_updates_by_itself_while_a_run_is_live(tmp_path):
-    pytest.importorskip("playwright.sync_api")
-    if chromium_path() is None:
-        pytest.skip("no Chromium on PATH (Debian: apt-get install chromium)")
     from conftest import make_cub
 
     data = make_cub(tmp_path / "CUB_200_2011")
     env = {"BIRDGEN_RUNS_DIR": str(tmp_path / "runs"), "BIRDGEN_DATA": str(data),
            "BIRDGEN_CACHE_DIR": str(tmp_path / "cache")}
-    with streamlit_app(env) as url, chromium() as browser:
-        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    with fresh_server_page(env, height=1400) as (url, page):
         page.goto(url + "/train", wait_until="networkidle")
         page.get_by_role("button", name="Start training").wait_for(timeout=60_000)
         page.get_by_role("button", name="Start training").click()
@@ -109,7 +113,6 @@ def test_the_train_page_updates_by_itself_while_a_run_is_live(tmp_path):
 
 def test_explore_page_interpolates_in_the_browser(browser_and_url):
     browser, url = browser_and_url
-    ARTIFACTS.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1200})
     page.goto(url + "/explore", wait_until="networkidle")
     page.get_by_text("Explore and edit").first.wait_for(timeout=60_000)

@@ -11,7 +11,7 @@ from scipy import linalg
 from birdgen.checkpoint import build_model, load_model, save_model
 from birdgen.data import DatasetError, load_crops, split_record
 from birdgen.diffusion import DiffusionConfig
-from birdgen.evaluation import (EvalSettings, EvaluationError, MemorizationSets, evaluate, extract_features, kid_and_fid,
+from birdgen.evaluation import (EvalSettings, Evaluation, EvaluationError, MemorizationSets, evaluate, extract_features, kid_and_fid,
                                 memorization_report, pixel_vectors, precision_recall, write_metrics)
 from birdgen.features import InceptionWeightsMissing, find_inception_weights, hub_weights_path
 from birdgen.modelcard import update_card_quality
@@ -156,8 +156,9 @@ def test_evaluate_end_to_end_writes_metrics_card_and_caches_real_features(tiny_c
     seen = []
     settings = EvalSettings(num_samples=12, steps=3, batch_size=5)
     with pytest.warns(UserWarning):
-        metrics = evaluate(model, crops, settings, ColourStatistics(), "colour-stats", "test-space",
-                           progress=lambda stage, done, total: seen.append((stage, done, total)))
+        evaluation = evaluate(model, crops, settings, ColourStatistics(), "colour-stats", "test-space",
+                              progress=lambda stage, done, total: seen.append((stage, done, total)))
+    metrics = evaluation.metrics
     heldout = crops.split_indices("random", "test", 0, 0.3)
     assert metrics["num_real"] == len(heldout) == 5 and metrics["num_generated"] == 12
     assert metrics["fid"] > 0 and metrics["kid_subset_size"] == 5 and 0 <= metrics["precision"] <= 1
@@ -171,10 +172,9 @@ def test_evaluate_end_to_end_writes_metrics_card_and_caches_real_features(tiny_c
         again = evaluate(model, crops, settings, ColourStatistics(), "colour-stats", "test-space",
                          progress=lambda stage, done, total: seen.append(stage))
     assert not any(stage.startswith(("real crops", "mirrored")) for stage in seen)
-    assert again["fid"] == pytest.approx(metrics["fid"])
-    path = write_metrics(model, metrics)
-    other = {**again, "feature_space": "other-space"}
-    write_metrics(model, other)
+    assert again.metrics["fid"] == pytest.approx(metrics["fid"])
+    path = write_metrics(model, evaluation)
+    write_metrics(model, Evaluation({**again.metrics, "feature_space": "other-space"}, []))
     stored = json.loads(path.read_text())
     assert set(stored) == {"test-space", "other-space"} and stored["test-space"]["feature_extractor"] == "colour-stats"
     assert (model.path / "memorization.png").is_file()

@@ -28,10 +28,12 @@ def grid_image(images: torch.Tensor, columns: int | None = None, padding: int = 
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: int | None = None) -> Path:
+    """Writes the images as one PNG grid; a single image without the grid's white frame, so that
+    it can go straight back in as a picture (e.g. to `birdgen edit`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    grid_image(images, columns).save(temporary)
+    grid_image(images, columns, padding=2 if len(images) > 1 else 0).save(temporary)
     os.replace(temporary, path)
     return path
 

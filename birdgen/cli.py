@@ -125,6 +125,9 @@ def add_editing_parsers(commands) -> None:
     interpolate.add_argument("--steps", type=int, default=50, help="DDIM steps (deterministic, eta 0)")
     interpolate.add_argument("--out", default="interpolation.png", help="strip PNG to write")
     interpolate.add_argument("--gif", help="also write an animated GIF (there and back)")
+    interpolate.add_argument("--species", nargs=2, metavar=("FROM", "TO"),
+                             help="species model only: also move from one species to another (ids or names)")
+    interpolate.add_argument("--guidance", type=float, default=3.0, help="with --species (0-15)")
     interpolate.add_argument("--device", default="auto")
     interpolate.set_defaults(handler=cmd_interpolate)
 
@@ -138,6 +141,8 @@ def add_editing_parsers(commands) -> None:
     edit.add_argument("--num", type=int, default=8)
     edit.add_argument("--seed", type=int, default=0)
     edit.add_argument("--out", default="edited.png", help="grid PNG: the input first, then the results")
+    edit.add_argument("--species", metavar="ID|NAME", help="species model only: turn the picture into this species")
+    edit.add_argument("--guidance", type=float, default=3.0, help="with --species (0-15)")
     edit.add_argument("--device", default="auto")
     edit.set_defaults(handler=cmd_edit)
 
@@ -284,7 +289,12 @@ def cmd_interpolate(args) -> int:
     from .utils import grid_image
 
     model = load_model(args.model, pick_device(args.device))
-    steps = interpolation_steps(model, args.seeds[0], args.seeds[1], args.frames, args.steps)
+    species = None
+    if args.species:
+        from .species import resolve_species
+
+        species = tuple(resolve_species(model, text) for text in args.species)
+    steps = interpolation_steps(model, args.seeds[0], args.seeds[1], args.frames, args.steps, species, args.guidance)
     last, seconds = run_steps(steps, args.steps, f"Interpolating ({args.frames} frames)")
     path = save_grid(last.x, args.out, columns=args.frames)
     if args.gif:
@@ -302,7 +312,13 @@ def cmd_edit(args) -> int:
 
     model = load_model(args.model, pick_device(args.device))
     image = read_picture(args.image, model.network_config.image_size)
-    request = EditRequest(args.sampler, args.steps, args.strength, args.num, args.seed, args.eta)
+    species = None
+    if args.species:
+        from .species import resolve_species
+
+        species = resolve_species(model, args.species)
+    request = EditRequest(args.sampler, args.steps, args.strength, args.num, args.seed, args.eta, species,
+                          args.guidance)
     request.validate()
     total = max(1, round(args.strength * args.steps))
     last, seconds = run_steps(sdedit_steps(model, image, request), total, f"Editing (strength {args.strength:g})")

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .checkpoint import BirdModel
 from .data import to_model_range
+from .pipeline import MAX_GUIDANCE
 from .samplers import DDIMSampler, Sampler, SamplerStep, initial_noise, make_sampler
 
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to 120 MB; more is refused before decoding
@@ -108,12 +109,33 @@ def interpolation_noise(model: BirdModel, seed_a: int, seed_b: int, frames: int)
     return torch.cat([slerp(a, b, i / (frames - 1)) for i in range(frames)])
 
 
-def interpolation_steps(model: BirdModel, seed_a: int, seed_b: int, frames: int = 9,
-                        steps: int = 50) -> Iterator[SamplerStep]:
+def species_weights(model: BirdModel, species_a: int, species_b: int, frames: int) -> torch.Tensor:
+    """Class weights (frames, num_classes + 1) moving linearly from species_a to species_b."""
+    classes = model.network_config.num_classes
+    for index in (species_a, species_b):
+        if not 0 <= index < classes:
+            raise EditError(f"species index {index} out of range [0, {classes})")
+    weights = torch.zeros(frames, classes + 1, device=model.device)
+    blend = torch.linspace(0, 1, frames, device=model.device)
+    weights[:, species_a] += 1 - blend
+    weights[:, species_b] += blend
+    return weights
+
+
+def interpolation_steps(model: BirdModel, seed_a: int, seed_b: int, frames: int = 9, steps: int = 50,
+                        species: tuple[int, int] | None = None, guidance: float = 3.0) -> Iterator[SamplerStep]:
     """Deterministic DDIM from each interpolated x_T, so the first and last frames are exactly
-    the two seeds' own DDIM samples."""
+    the two seeds' own DDIM samples. For a species model, `species` (two class indices) also
+    moves the species label from the first to the second by mixing their class embeddings,
+    guided with `guidance`; with seed_a == seed_b only the species changes."""
     noise = interpolation_noise(model, seed_a, seed_b, frames)
-    yield from DDIMSampler(model.schedule, steps, eta=0.0).steps(model.denoiser(), noise)
+    labels = None
+    if species is not None:
+        from .species import require_species_model
+
+        require_species_model(model)
+        labels = species_weights(model, *species, frames)
+    yield from DDIMSampler(model.schedule, steps, eta=0.0).steps(model.denoiser(labels, guidance), noise)
 
 
 # --- SDEdit: variations and image-to-image -------------------------------------------------
@@ -134,6 +156,8 @@ class EditRequest:
     num_images: int = 8
     seed: int = 0
     eta: float = 0.0
+    species: int | None = None  # a species model's class index: turn the picture into that species
+    guidance: float = 3.0  # with species
 
     def validate(self) -> None:
         if not 0 <= self.strength <= 1:
@@ -142,6 +166,8 @@ class EditRequest:
             raise EditError(f"number of images {self.num_images} out of range [1, 64]")
         if not 0 <= self.seed < 2**63:
             raise EditError(f"seed {self.seed} out of range [0, 2^63)")
+        if not 0 <= self.guidance <= MAX_GUIDANCE:
+            raise EditError(f"guidance {self.guidance} out of range [0, {MAX_GUIDANCE:g}]")
 
 
 def sdedit_steps(model: BirdModel, image: torch.Tensor, request: EditRequest) -> Iterator[SamplerStep]:
@@ -150,6 +176,12 @@ def sdedit_steps(model: BirdModel, image: torch.Tensor, request: EditRequest) ->
     image gets its own noise, so the results are variations of the input. Strength 0 yields
     the input unchanged in one step without the network; strength 1 starts from pure noise."""
     request.validate()
+    labels = None
+    if request.species is not None:
+        from .species import require_species_model
+
+        require_species_model(model)
+        labels = torch.full((request.num_images,), request.species, device=model.device)
     sampler = make_sampler(request.sampler, model.schedule, request.steps, eta=request.eta)
     size, channels = model.network_config.image_size, model.network_config.in_channels
     noise, generator = initial_noise(request.num_images, size, request.seed, model.device, channels)
@@ -164,7 +196,7 @@ def sdedit_steps(model: BirdModel, image: torch.Tensor, request: EditRequest) ->
         x_t = noise
     else:
         x_t = model.schedule.add_noise(x0, noise, torch.full((request.num_images,), start, device=model.device))
-    yield from shortened.steps(model.denoiser(), x_t, generator)
+    yield from shortened.steps(model.denoiser(labels, request.guidance), x_t, generator)
 
 
 # --- RePaint: inpainting --------------------------------------------------------------------

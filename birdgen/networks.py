@@ -221,8 +221,9 @@ class UNet(nn.Module):
         return self.config.num_classes
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """`labels`: class indices 0 … num_classes (the last means "no species"); None = no species.
-        An unconditional network ignores them."""
+        """`labels`: class indices 0 … num_classes (the last means "no species"), or float weights
+        (N, num_classes + 1) that mix the classes' embeddings (to move between species); None = no
+        species. An unconditional network ignores them."""
         c = self.config
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -235,7 +236,11 @@ class UNet(nn.Module):
         if c.num_classes:
             if labels is None:
                 labels = torch.full((x.shape[0],), self.null_class, device=x.device, dtype=torch.long)
-            embedding = embedding + self.class_embedding(labels).to(embedding.dtype)  # ADM-style: e(t) + e(y)
+            if labels.is_floating_point():
+                class_embedding = labels.to(self.class_embedding.weight.dtype) @ self.class_embedding.weight
+            else:
+                class_embedding = self.class_embedding(labels)
+            embedding = embedding + class_embedding.to(embedding.dtype)  # ADM-style: e(t) + e(y)
         if c.time_conditioning != "every_block":
             h = torch.cat([h, embedding[:, :, None, None].expand(-1, -1, *h.shape[2:]).to(h.dtype)], dim=1)
             embedding = None

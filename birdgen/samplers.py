@@ -41,7 +41,8 @@ class Denoiser:
     `autocast_dtype` (torch.bfloat16 or torch.float16) runs the network under autocast on
     the input's device; the estimates are always float32.
 
-    For a class-conditional network, `labels` (one class index per image) and `guidance` w
+    For a class-conditional network, `labels` (one class index per image, or class weights per
+    image that mix species, see `UNet.forward`) and `guidance` w
     apply classifier-free guidance (Ho & Salimans 2022, eq. 6) to the network's output:
     out = out_uncond + w (out_cond - out_uncond), both halves in one batched forward pass.
     w = 1 is the plain conditional output (one pass), w = 0 the unconditional one. The
@@ -63,7 +64,9 @@ class Denoiser:
         if self.labels is None:
             return self._network(x_t, timesteps, None)
         labels = self.labels.to(x_t.device)
-        null = torch.full_like(labels, self.model.null_class)
+        null = torch.full(labels.shape[:1], self.model.null_class, device=x_t.device, dtype=torch.long)
+        if labels.is_floating_point():  # class weights (N, num_classes + 1): the null class as weights too
+            null = torch.nn.functional.one_hot(null, labels.shape[1]).to(labels.dtype)
         if self.guidance == 1:
             return self._network(x_t, timesteps, labels)
         if self.guidance == 0:

@@ -109,34 +109,44 @@ def sampler_controls(key: str = "gen", max_images: int = 16, default_images: int
     return GenerationRequest(sampler, int(steps), int(count), int(seed), float(eta))
 
 
-def species_controls(model: BirdModel, key: str) -> tuple[int | None, float]:
-    """A searchable species picker ("any species" first) and the guidance slider, shown only for
-    a species model. Returns (the chosen CUB class id or None, guidance)."""
-    if not model.conditional:
-        return None, 1.0
+def species_picker(model: BirdModel, label: str, key: str, container=st) -> int | None:
+    """A searchable select box over a species model's species, "any species" first; returns the
+    chosen CUB class id, or None."""
     from .species import readable
 
-    options = [None] + [class_id for class_id, _ in model.species]
     names = {class_id: f"{readable(name)} ({class_id})" for class_id, name in model.species}
+    return container.selectbox(label, [None, *names], key=key, format_func=lambda c: "any species" if c is None
+                               else names[c], help="Type to search. 'any species' samples without a label.")
+
+
+def guidance_slider(key: str, disabled: bool = False, container=st) -> float:
+    return float(container.slider("Guidance", 0.0, 10.0, 3.0, 0.5, key=key, disabled=disabled,
+                                  help="How closely to follow the species: 0 ignores it, 1 is the plain conditional "
+                                       "model, higher gives more typical birds of it with less variety."))
+
+
+def species_controls(model: BirdModel, key: str) -> tuple[int | None, float]:
+    """The species picker and the guidance slider, shown only for a species model. Returns (the
+    chosen CUB class id or None, guidance)."""
+    if not model.conditional:
+        return None, 1.0
     columns = st.columns(2)
-    class_id = columns[0].selectbox("Species", options, key=f"{key}_species",
-                                    format_func=lambda c: "any species" if c is None else names[c],
-                                    help="Type to search. 'any species' samples without a label.")
-    guidance = columns[1].slider("Guidance", 0.0, 10.0, 3.0, 0.5, key=f"{key}_guidance", disabled=class_id is None,
-                                 help="How closely to follow the species: 0 ignores it, 1 is the plain conditional "
-                                      "model, higher gives more typical birds of it with less variety.")
-    return class_id, float(guidance)
+    class_id = species_picker(model, "Species", f"{key}_species", columns[0])
+    return class_id, guidance_slider(f"{key}_guidance", class_id is None, columns[1])
+
+
+def species_index(model: BirdModel, class_id: int | None) -> int | None:
+    """The model's class index for a CUB class id, or None if it has no such species."""
+    return next((i for i, (known, _) in enumerate(model.species or []) if known == class_id), None)
 
 
 def with_species(model: BirdModel, request: GenerationRequest, class_id: int | None,
                  guidance: float) -> GenerationRequest:
     """The request for `model` with the species `class_id`, if the model knows it (else as it is)."""
-    if class_id is None or not model.conditional:
+    index = species_index(model, class_id)
+    if index is None:
         return request
-    indices = [i for i, (known, _) in enumerate(model.species) if known == class_id]
-    if not indices:
-        return request
-    return dataclasses.replace(request, species=(indices[0],), guidance=guidance)
+    return dataclasses.replace(request, species=(index,), guidance=guidance)
 
 
 def species_label(model: BirdModel, request: GenerationRequest) -> str:

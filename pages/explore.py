@@ -25,9 +25,18 @@ with interpolate:
     seed_b = columns[1].number_input("To seed", 0, 2**31 - 1, 7, key="lerp_b")
     frames = columns[2].slider("Frames", 3, 16, 9, key="lerp_frames")
     steps = columns[3].slider("DDIM steps", 5, 100, 25, key="lerp_steps")
+    species, guidance = None, 3.0
+    if model.conditional:
+        st.caption("A species model can also move from one species to another (with the same seed twice, only the "
+                   "species changes).")
+        columns = st.columns(3)
+        pair = (ui.species_picker(model, "From species", "lerp_from", columns[0]),
+                ui.species_picker(model, "To species", "lerp_to", columns[1]))
+        guidance = ui.guidance_slider("lerp_guidance", None in pair, columns[2])
+        species = None if None in pair else tuple(ui.species_index(model, c) for c in pair)
     if st.button("Interpolate", type="primary", key="lerp_run"):
-        last = ui.run_steps(interpolation_steps(model, int(seed_a), int(seed_b), frames, steps), steps,
-                            "Interpolating", cancel_key="lerp_cancel")
+        last = ui.run_steps(interpolation_steps(model, int(seed_a), int(seed_b), frames, steps, species, guidance),
+                            steps, "Interpolating", cancel_key="lerp_cancel")
         st.session_state["lerp"] = last.x.cpu()
     if "lerp" in st.session_state:
         images = st.session_state["lerp"]
@@ -51,10 +60,12 @@ with vary:
                               "steps of them run")
     count = columns[2].number_input("Images", 1, 16, 8, key="vary_count")
     seed = columns[3].number_input("Seed", 0, 2**31 - 1, 0, key="vary_seed")
+    species, guidance = ui.species_controls(model, "vary")
     if picture is not None:
         st.image(grid_image(picture, padding=0).resize((128, 128)), caption="the input", width=128)
         if st.button("Make variations", type="primary", key="vary_run"):
-            request = EditRequest("ddim", steps, float(strength), int(count), int(seed))
+            request = EditRequest("ddim", steps, float(strength), int(count), int(seed), 0.0,
+                                  ui.species_index(model, species), guidance)
             last = ui.run_steps(sdedit_steps(model, picture, request), max(1, round(strength * steps)),
                                 "Editing", cancel_key="vary_cancel")
             st.session_state["varied"] = (grid_image(last.x.cpu()), strength)

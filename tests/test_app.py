@@ -277,3 +277,25 @@ def test_species_controls_appear_only_for_a_species_model(models):
     at.slider(key="cmp_steps_ddim").set_value(2)
     at.button(key="compare").click().run()
     assert not at.exception and "small cannot take this species" in at.info[0].value
+
+
+def test_explore_page_moves_between_species_for_a_species_model(models):
+    from birdgen.diffusion import DiffusionConfig as Diffusion
+
+    network = build_model(preset("small", channels=(8, 16), num_classes=2), Diffusion(num_steps=100))
+    save_model(models / "species", network.network, network.network_config, network.diffusion_config,
+               species=[[17, "017.Cardinal"], [47, "047.American_Goldfinch"]])
+    at = app(PAGES / "explore.py")
+    assert not [s for s in at.selectbox if s.label == "From species"]
+    at.selectbox(key="explore_model").set_value("species").run()
+    at.selectbox(key="lerp_from").set_value(17)
+    at.selectbox(key="lerp_to").set_value(47)
+    at.slider(key="lerp_frames").set_value(3)
+    at.slider(key="lerp_steps").set_value(5).run()
+    at.button(key="lerp_run").click().run()
+    assert not at.exception and len(at.get("download_button")) == 2
+    at.selectbox(key="vary_species").set_value(47).run()
+    at.slider(key="vary_steps").set_value(5)
+    at.number_input(key="vary_count").set_value(1).run()
+    at.button(key="vary_run").click().run()
+    assert not at.exception and len(at.get("download_button")) == 3

@@ -183,3 +183,35 @@ def test_species_commands(tmp_path, capsys):
     assert main(["sample", "--model", str(tmp_path / "plain"), "--species", "17", "--out", str(out)]) == 2
     assert "is not a species model" in capsys.readouterr().err
     assert main(["species", "--model", str(tmp_path / "plain")]) == 2
+
+
+def test_class_weights_mix_species_and_one_hot_weights_equal_the_class(tmp_path):
+    model = species_model(tmp_path / "m")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([30, 30])
+    with torch.no_grad():
+        hard = model.network(x, t, torch.tensor([1, 3]))
+        soft = model.network(x, t, torch.nn.functional.one_hot(torch.tensor([1, 3]), 4).float())
+    assert torch.allclose(hard, soft, atol=1e-5)
+    soft_out = Denoiser(model.network, model.schedule, labels=torch.eye(4)[[1, 2]], guidance=3.0).output(x, 30)
+    hard_out = Denoiser(model.network, model.schedule, labels=torch.tensor([1, 2]), guidance=3.0).output(x, 30)
+    assert torch.allclose(soft_out, hard_out, atol=1e-5)
+
+
+def test_species_interpolation_and_species_edits(tmp_path):
+    from birdgen.editing import EditError, EditRequest, interpolation_steps, sdedit_steps
+
+    model = species_model(tmp_path / "m")
+    frames = list(interpolation_steps(model, 5, 5, frames=4, steps=4, species=(0, 2), guidance=2.0))[-1].x
+    for frame, species in ((frames[0], 0), (frames[-1], 2)):
+        own = generate(model, GenerationRequest("ddim", 4, 1, 5, species=(species,), guidance=2.0)).images[0]
+        assert torch.allclose(frame, own, atol=1e-4)
+    assert not torch.allclose(frames[1], frames[0], atol=1e-3)
+    picture = torch.zeros(1, 3, 16, 16)
+    plain = list(sdedit_steps(model, picture, EditRequest(steps=4, strength=0.8, num_images=2)))[-1].x
+    turned = list(sdedit_steps(model, picture, EditRequest(steps=4, strength=0.8, num_images=2, species=1)))[-1].x
+    assert not torch.allclose(plain, turned, atol=1e-3)
+    with pytest.raises(EditError, match="guidance 16.0 out of range"):
+        list(sdedit_steps(model, picture, EditRequest(species=1, guidance=16.0)))
+    unconditional = build_model(preset("small", channels=(8, 16), image_size=16), DiffusionConfig(num_steps=100))
+    with pytest.raises(SpeciesError, match="is not a species model"):
+        list(interpolation_steps(unconditional, 1, 2, 3, 2, species=(0, 1)))

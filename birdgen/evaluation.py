@@ -224,6 +224,7 @@ class EvalSettings:
     batch_size: int = 64
     seed: int = 0
     memorization: bool = True
+    guidance: float = 3.0  # species models: their samples follow the reference crops' species, guided by this
 
     def validate(self) -> None:
         if self.reference not in ("heldout", "train"):
@@ -236,12 +237,18 @@ class EvalSettings:
             raise EvaluationError(f"batch_size {self.batch_size} must be at least 1")
 
 
-def generate_uint8(model: BirdModel, settings: EvalSettings, progress: Progress | None = None) -> torch.Tensor:
-    """settings.num_samples generated birds as uint8 NHWC, in seeded batches (seed + index of the first)."""
+def generate_uint8(model: BirdModel, settings: EvalSettings, progress: Progress | None = None,
+                   species: list[int] | None = None) -> torch.Tensor:
+    """settings.num_samples generated birds as uint8 NHWC, in seeded batches (seed + index of the
+    first); for a species model, image i is of species[i % len(species)] (class indices)."""
     chunks, done = [], 0
     while done < settings.num_samples:
         count = min(settings.batch_size, settings.num_samples - done)
         request = GenerationRequest(settings.sampler, settings.steps, count, settings.seed + done, settings.eta)
+        if species:  # one image per label: num_images 1 of each species in the batch, in order
+            labels = tuple(species[(done + i) % len(species)] for i in range(count))
+            request = GenerationRequest(settings.sampler, settings.steps, 1, settings.seed + done, settings.eta,
+                                        labels, settings.guidance)
         chunks.append(to_uint8(generate(model, request).images))
         done += count
         if progress:
@@ -269,7 +276,11 @@ def evaluate(model: BirdModel, crops: CubCrops, settings: EvalSettings, extracto
         return real_features(crops, indices, extractor, identity, settings.batch_size, device, progress, mirrored)
 
     features["reference"] = crops_features(reference)
-    generated = generate_uint8(model, settings, progress)
+    species = None
+    if model.conditional:  # the same mix of species as the real crops compared with
+        index_of = {class_id: index for index, (class_id, _) in enumerate(model.species)}
+        species = [index_of[int(c)] for c in crops.labels[reference] if int(c) in index_of]
+    generated = generate_uint8(model, settings, progress, species)
     features["generated"] = extract_features(extractor, generated, settings.batch_size, device, progress,
                                              "generated images")
     scores = {**kid_and_fid(features["reference"], features["generated"], seed=settings.seed),
@@ -277,6 +288,7 @@ def evaluate(model: BirdModel, crops: CubCrops, settings: EvalSettings, extracto
     result = {"feature_space": feature_space, "feature_label": FEATURE_LABELS.get(feature_space, feature_space),
               **scores, "num_real": len(reference), "num_generated": settings.num_samples,
               "reference_split": describe_split(model.data, settings.reference, len(reference)), **asdict(settings),
+              "species": "those of the real crops, in turn" if species else "none (unconditional)",
               "feature_extractor": identity, "model": model.name, "image_size": model.network_config.image_size}
     if settings.memorization:
         train_features = torch.cat([crops_features(train_indices), crops_features(train_indices, mirrored=True)])
@@ -373,6 +385,8 @@ def add_eval_parser(commands) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memorization", action="store_true", help="skip the nearest-training-crop check")
+    parser.add_argument("--guidance", type=float, default=3.0,
+                        help="species models: samples follow the species of the real crops, with this guidance")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--inception-weights", help=f"path to {INCEPTION_FILE} (else ${INCEPTION_ENV} or the torch hub cache)")
     parser.set_defaults(handler=cmd_eval)
@@ -386,7 +400,7 @@ def cmd_eval(args) -> int:
     from .utils import pick_device
 
     settings = EvalSettings(args.split, args.num_samples, args.sampler, args.steps, args.eta, args.batch_size,
-                            args.seed, not args.no_memorization)
+                            args.seed, not args.no_memorization, args.guidance)
     settings.validate()
     feature_space, note = choose_feature_space(args.features, args.inception_weights)  # fails before any work
     print(note)

@@ -160,6 +160,10 @@ def quality_section(evaluations: dict[str, dict], folder: Path) -> str:
         lines.append(f"| {m.get('feature_label', space)} | {m['num_generated']:,} | {m.get('reference_split', m.get('split'))}"
                      f" | {m['sampler']} {m['steps']} | {m['fid']:.2f} | {m['kid_mean']:.4f} ± {m['kid_std']:.4f}"
                      f" | {precision} | {recall} |")
+    guided = [(space, m) for space, m in sorted(evaluations.items()) if m.get("species", "").startswith("those")]
+    for space, m in guided:
+        lines += ["", f"{space}: a species model, so its samples follow the species of the real crops in turn, with"
+                      f" guidance {m['guidance']:g}."]
     if "mobilenet" in evaluations:
         lines += ["", "MobileNet distances are on their own scale: they are not comparable with published Inception FIDs"
                       " (such as the original report's 92.47). Compare them only with other MobileNet numbers at the same"

@@ -215,3 +215,25 @@ def test_species_interpolation_and_species_edits(tmp_path):
     unconditional = build_model(preset("small", channels=(8, 16), image_size=16), DiffusionConfig(num_steps=100))
     with pytest.raises(SpeciesError, match="is not a species model"):
         list(interpolation_steps(unconditional, 1, 2, 3, 2, species=(0, 1)))
+
+
+def test_a_species_model_is_evaluated_on_the_species_of_the_real_crops(tiny_cub, tmp_path):
+    from birdgen.data import load_crops, split_record
+    from birdgen.evaluation import EvalSettings, evaluate
+    from birdgen.modelcard import update_card_quality
+    from birdgen.evaluation import write_metrics
+    from test_evaluation import ColourStatistics
+
+    crops = load_crops(tiny_cub, size=16, progress=False)
+    model = build_model(preset("small", channels=(8, 16), image_size=16, num_classes=3), DiffusionConfig(num_steps=50))
+    save_model(tmp_path / "m", model.network, model.network_config, model.diffusion_config, card="# m\n",
+               species=[[c, crops.class_names[c]] for c in (1, 2, 3)],
+               data=split_record(crops, tiny_cub, "square", 0.1, "random", 0, 0.3, "train"))
+    model = load_model(tmp_path / "m")
+    with pytest.warns(UserWarning):
+        evaluation = evaluate(model, crops, EvalSettings(num_samples=10, steps=2, batch_size=4, guidance=2.0),
+                              ColourStatistics(), "colour", "test-space")
+    assert evaluation.metrics["species"] == "those of the real crops, in turn" and evaluation.metrics["guidance"] == 2.0
+    write_metrics(model, evaluation)
+    update_card_quality(model.path)
+    assert "follow the species of the real crops in turn, with guidance 2" in (model.path / "README.md").read_text()

@@ -61,6 +61,7 @@ class TrainConfig:
     # Species (classifier-free guidance, Ho & Salimans 2022)
     conditional: bool = False  # condition the network on the species label
     label_dropout: float = 0.1  # share of labels replaced by "no species" during training
+    class_lr_scale: float = 25.0  # the class embedding's learning rate, in multiples of lr (it starts at zero)
     init_from: str = ""  # model folder to start from (an unconditional one gets a zero class embedding)
     # Diffusion (the report's Table 1: 1000 steps, cosine schedule with s = 0.008)
     schedule: str = "cosine"
@@ -107,6 +108,8 @@ class TrainConfig:
                 raise TrainingError(f"{name} must not be negative (got {getattr(self, name)})")
         if not 0 <= self.ema_decay < 1:
             raise TrainingError(f"ema_decay {self.ema_decay} out of range [0, 1)")
+        if not self.class_lr_scale > 0:
+            raise TrainingError(f"class_lr_scale must be positive (got {self.class_lr_scale})")
         if not 0 <= self.label_dropout <= 1:
             raise TrainingError(f"label_dropout {self.label_dropout} out of range [0, 1]")
         if self.init_from and not (Path(self.init_from) / "config.json").is_file():
@@ -239,6 +242,18 @@ def draw_batch(images: torch.Tensor, stream: BatchStream, generator: torch.Gener
     if channels_last:
         x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
     return x0, t, noise, y
+
+
+def parameter_groups(model: UNet, config: TrainConfig) -> list[dict]:
+    """AdamW's parameter groups. A species model's class embedding starts at zero and is only
+    touched by the species in a batch, so at the network's learning rate it stayed at a tenth of
+    the timestep embedding's size after 77k images of fine-tuning, and the species made no visible
+    difference; it learns at class_lr_scale times the rate."""
+    if not model.config.num_classes:
+        return [{"params": list(model.parameters())}]
+    embedding = model.class_embedding.weight
+    others = [p for p in model.parameters() if p is not embedding]
+    return [{"params": others}, {"params": [embedding], "lr": config.lr * config.class_lr_scale}]
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:
@@ -449,7 +464,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, config.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)

@@ -21,11 +21,15 @@ def require_browser() -> None:
 
 
 @contextlib.contextmanager
-def fresh_server_page(env: dict, height: int = 1000):
-    """A new `streamlit run app.py` that nothing has visited yet, and a page to visit it with."""
-    require_browser()
-    with streamlit_app(env) as url, chromium() as browser:
-        yield url, browser.new_page(viewport={"width": 1400, "height": height})
+def fresh_server_page(browser, env: dict, height: int = 1000):
+    """A new `streamlit run app.py` that nothing has visited yet, and a page of the module's
+    browser to visit it with (one Playwright per thread: a second would clash with the first)."""
+    with streamlit_app(env) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": height})
+        try:
+            yield url, page
+        finally:
+            page.close()
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +75,8 @@ def test_denoising_page_renders_a_frame(browser_and_url):
     page.close()
 
 
-def test_a_page_link_opened_first_on_a_fresh_server_shows_the_app_navigation(tmp_path):
-    with fresh_server_page({"BIRDGEN_RUNS_DIR": str(tmp_path / "runs")}) as (url, page):
+def test_a_page_link_opened_first_on_a_fresh_server_shows_the_app_navigation(browser_and_url, tmp_path):
+    with fresh_server_page(browser_and_url[0], {"BIRDGEN_RUNS_DIR": str(tmp_path / "runs")}) as (url, page):
         page.goto(url + "/compare", wait_until="networkidle")  # a bookmark: the server has run nothing yet
         page.get_by_text("Compare models").first.wait_for(timeout=60_000)
         nav = page.locator("[data-testid='stSidebarNav']")
@@ -81,16 +85,15 @@ def test_a_page_link_opened_first_on_a_fresh_server_shows_the_app_navigation(tmp
         assert all(title in labels for title in ("Generate", "Denoising process", "Compare models", "Metrics", "Train"))
         assert "compare\n" not in labels.lower().replace("compare models", "")  # no raw file names
         page.screenshot(path=str(ARTIFACTS / "deep-link.png"), full_page=True)
-        page.close()
 
 
-def test_the_train_page_updates_by_itself_while_a_run_is_live(tmp_path):
+def test_the_train_page_updates_by_itself_while_a_run_is_live(browser_and_url, tmp_path):
     from conftest import make_cub
 
     data = make_cub(tmp_path / "CUB_200_2011")
     env = {"BIRDGEN_RUNS_DIR": str(tmp_path / "runs"), "BIRDGEN_DATA": str(data),
            "BIRDGEN_CACHE_DIR": str(tmp_path / "cache")}
-    with fresh_server_page(env, height=1400) as (url, page):
+    with fresh_server_page(browser_and_url[0], env, height=1400) as (url, page):
         page.goto(url + "/train", wait_until="networkidle")
         page.get_by_role("button", name="Start training").wait_for(timeout=60_000)
         page.get_by_role("button", name="Start training").click()
@@ -108,7 +111,6 @@ def test_the_train_page_updates_by_itself_while_a_run_is_live(tmp_path):
         finally:
             page.get_by_role("button", name="Stop (saves a checkpoint)").click()
         page.get_by_text("Stopped.").wait_for(timeout=90_000)
-        page.close()
 
 
 def test_explore_page_interpolates_in_the_browser(browser_and_url):

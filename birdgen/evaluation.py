@@ -271,11 +271,17 @@ def evaluate(model: BirdModel, crops: CubCrops, settings: EvalSettings, extracto
     device = model.device
     extractor = extractor.to(device).eval()
     features = {}
+    parts = {"train": train_indices, "heldout": heldout_indices}
+    extracted: dict[tuple[str, bool], torch.Tensor] = {}
 
-    def crops_features(indices, mirrored=False):
-        return real_features(crops, indices, extractor, identity, settings.batch_size, device, progress, mirrored)
+    def crops_features(part: str, mirrored: bool = False) -> torch.Tensor:
+        """Each part's features once per evaluation (the reference set is also a memorization set)."""
+        if (part, mirrored) not in extracted:
+            extracted[part, mirrored] = real_features(crops, parts[part], extractor, identity, settings.batch_size,
+                                                      device, progress, mirrored)
+        return extracted[part, mirrored]
 
-    features["reference"] = crops_features(reference)
+    features["reference"] = crops_features(settings.reference)
     species = None
     if model.conditional:  # the same mix of species as the real crops compared with
         index_of = {class_id: index for index, (class_id, _) in enumerate(model.species)}
@@ -291,13 +297,13 @@ def evaluate(model: BirdModel, crops: CubCrops, settings: EvalSettings, extracto
               "species": "those of the real crops, in turn" if species else "none (unconditional)",
               "feature_extractor": identity, "model": model.name, "image_size": model.network_config.image_size}
     if settings.memorization:
-        train_features = torch.cat([crops_features(train_indices), crops_features(train_indices, mirrored=True)])
+        train_features = torch.cat([crops_features("train"), crops_features("train", mirrored=True)])
         train_images = crops.images[train_indices]
         sets = MemorizationSets(
             train_pixels=torch.cat([pixel_vectors(train_images), pixel_vectors(train_images[:, :, ::-1].copy())]),
             train_features=train_features,
             heldout_pixels=pixel_vectors(crops.images[heldout_indices]),
-            heldout_features=crops_features(heldout_indices), generated_pixels=pixel_vectors(generated),
+            heldout_features=crops_features("heldout"), generated_pixels=pixel_vectors(generated),
             generated_features=features["generated"])
         report = memorization_report(sets)
         closest = report.pop("_closest")

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .diffusion import DiffusionConfig, NoiseSchedule
 from .networks import UNet, UNetConfig, parameter_count
-from .samplers import Denoiser
+from .samplers import SAMPLERS, Denoiser
 from .utils import check_field_types
 
 WEIGHTS_FILE = "model.safetensors"
@@ -49,6 +49,8 @@ class BirdModel:
     training: dict | None = None  # {"steps", "images_seen", "train_hours"} when exported from a run
     data: dict | None = None  # the crops and split it trained on (see `data.split_record`)
     species: list[list] | None = None  # [[class id, class folder name], …] by class index, for conditional models
+    sampling: dict | None = None  # {"sampler", "steps"}: the only sampler a distilled student works with
+    distillation: dict | None = None  # how a student was distilled (teacher, method, rounds, images seen)
 
     @cached_property
     def schedule(self) -> NoiseSchedule:
@@ -115,7 +117,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_config: UNetConfig,
                diffusion_config: DiffusionConfig, half: bool = False, card: str | None = None,
-               training: dict | None = None, data: dict | None = None, species: list | None = None) -> Path:
+               training: dict | None = None, data: dict | None = None, species: list | None = None,
+               sampling: dict | None = None, distillation: dict | None = None) -> Path:
     """Writes weights and config (each atomically) and the model card, if given; `training` records how
     much the weights were trained, so that comparisons can say when two models are not on equal footing;
     `data` records the crops and split, so that evaluation can find the crops the model never saw."""
@@ -127,7 +130,8 @@ def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_conf
     save_file(tensors, str(temporary), metadata={"format": FORMAT})
     os.replace(temporary, folder / WEIGHTS_FILE)
     extra = {"weights_dtype": str(dtype).removeprefix("torch.")} | ({"training": training} if training else {}) \
-        | ({"data": data} if data else {}) | ({"species": species} if species else {})
+        | ({"data": data} if data else {}) | ({"species": species} if species else {}) \
+        | ({"sampling": sampling} if sampling else {}) | ({"distillation": distillation} if distillation else {})
     atomic_write_text(folder / CONFIG_FILE, json.dumps(config_dict(network_config, diffusion_config, **extra),
                                                        indent=2) + "\n")
     if card is not None:
@@ -137,7 +141,8 @@ def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_conf
 
 def read_config(folder: Path) -> tuple[UNetConfig, DiffusionConfig, dict]:
     """The network and diffusion settings of a model folder, and its optional records
-    ({"training": …, "data": …}, each present only if the folder has it)."""
+    ({"training": …, "data": …, "species": …, "sampling": …, "distillation": …}, each present
+    only if the folder has it)."""
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise ModelError(f"{path}: missing model config (is {folder} a birdgen model folder?)")
@@ -156,7 +161,8 @@ def read_config(folder: Path) -> tuple[UNetConfig, DiffusionConfig, dict]:
         except (TypeError, ValueError) as error:
             raise ModelError(f"{path}: {section}: {error}") from None
     network, diffusion = sections["network"], sections["diffusion"]
-    records = {key: raw[key] for key in ("training", "data", "species") if raw.get(key) is not None}
+    records = {key: raw[key] for key in ("training", "data", "species", "sampling", "distillation")
+               if raw.get(key) is not None}
     for key, value in records.items():
         kind = list if key == "species" else dict
         if not isinstance(value, kind):
@@ -167,6 +173,11 @@ def read_config(folder: Path) -> tuple[UNetConfig, DiffusionConfig, dict]:
             isinstance(s, list) and len(s) == 2 and isinstance(s[0], int) and isinstance(s[1], str) for s in species)):
         raise ModelError(f"{path}: 'species' must list [class id, name] for each of the network's"
                          f" {network.num_classes} classes")
+    sampling = records.get("sampling")
+    if sampling is not None and not (sampling.get("sampler") in SAMPLERS and type(sampling.get("steps")) is int
+                                     and 1 <= sampling["steps"] <= diffusion.num_steps):
+        raise ModelError(f"{path}: 'sampling' must name a sampler ({', '.join(SAMPLERS)}) and its steps (1-"
+                         f"{diffusion.num_steps}), not {sampling}")
     if network.num_classes and species is None:
         raise ModelError(f"{path}: the network knows {network.num_classes} species but 'species' does not name them")
     return network, diffusion, records
@@ -233,6 +244,7 @@ def load_model(path_or_hub_id: str | os.PathLike, device: str | torch.device = "
     model.network.to(device)
     model.path, model.training, model.data = folder, records.get("training"), records.get("data")
     model.species = records.get("species")
+    model.sampling, model.distillation = records.get("sampling"), records.get("distillation")
     return model
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .checkpoint import ModelError, build_model, load_model, push_model
 from .data import CROP_MODES, DatasetError, load_crops, summarize
+from .distillation import DistillConfig, distill
 from .diffusion import DiffusionConfig
 from .download import DownloadError, download
 from .editing import EditError
@@ -95,7 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(trainer)
     trainer.set_defaults(handler=cmd_train)
 
-    export = commands.add_parser("export", help="turn a run into a model folder with a model card")
+    distiller = commands.add_parser("distill", help="distil a model into a few-step student (resumable)",
+                                    argument_default=argparse.SUPPRESS)
+    distiller.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
+    distiller.add_argument("--resume", action="store_true", default=False, help="continue from the last checkpoint")
+    distiller.add_argument("--overwrite", action="store_true", default=False, help="delete the run folder first")
+    add_config_flags(distiller, DistillConfig)
+    distiller.set_defaults(handler=cmd_distill)
+
+    export = commands.add_parser("export", help="turn a run (training or distillation) into a model folder with a"
+                                                " model card")
     export.add_argument("run", help="run folder")
     export.add_argument("--to", required=True, help="model folder to write, e.g. models/NAME")
     export.add_argument("--fp32", action="store_true", help="store float32 weights (default: float16)")
@@ -161,10 +171,10 @@ def add_editing_parsers(commands) -> None:
     inpaint.set_defaults(handler=cmd_inpaint)
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field: --batch-size, --lr, --attention/--no-attention, …"""
-    hints = typing.get_type_hints(TrainConfig)
-    for field in fields(TrainConfig):
+def add_config_flags(parser: argparse.ArgumentParser, config_class=TrainConfig) -> None:
+    """One flag per config field: --batch-size, --lr, --attention/--no-attention, …"""
+    hints = typing.get_type_hints(config_class)
+    for field in fields(config_class):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
         if isinstance(kind, types.UnionType):  # "X | None": the flag takes an X
@@ -359,6 +369,24 @@ def cmd_train(args) -> int:
 
     read_metadata(config.data)  # a data folder that is not a CUB layout fails before any work starts
     latest = train(config, values["out"], resume=values["resume"], overwrite=values["overwrite"])
+    print(f"Checkpoint: {latest}")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    values = vars(args)
+    saved = Path(values["out"]) / "config.json"
+    config = DistillConfig()
+    if values["resume"] and saved.is_file():
+        config = DistillConfig.from_dict(json.loads(saved.read_text()), str(saved))
+    overrides = {f.name: values[f.name] for f in fields(DistillConfig) if f.name in values}
+    config = DistillConfig.from_dict({**config.__dict__, **overrides})
+    if not config.data:
+        raise TrainingError("no data folder: pass --data DIR (the CUB_200_2011 folder the teacher trained on)")
+    from .data import read_metadata
+
+    read_metadata(config.data)
+    latest = distill(config, values["out"], resume=values["resume"], overwrite=values["overwrite"])
     print(f"Checkpoint: {latest}")
     return 0
 

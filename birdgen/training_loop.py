@@ -309,6 +309,24 @@ def resolve_precision(config: TrainConfig, device: torch.device) -> torch.dtype 
     return torch.bfloat16 if config.precision == "bf16" else torch.float16
 
 
+class StopRequests(list):
+    """Records SIGINT/SIGTERM instead of dying, so a loop can save a checkpoint and stop; truthy
+    once one arrived. `release()` puts the previous handlers back."""
+
+    def __init__(self):
+        super().__init__()
+        self.previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, lambda signum, frame: self.append(signum))
+            except ValueError:  # not the main thread (e.g. inside the app's process): no handlers
+                pass
+
+    def release(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 class Checkpoints:
     """Atomic checkpoints in run/checkpoints/step-NNNNNNN: written to a temporary folder,
     flushed, then renamed; older ones are deleted only after the new one is complete."""
@@ -328,16 +346,16 @@ class Checkpoints:
         complete = self.complete()
         return complete[-1] if complete else None
 
-    def save(self, step: int, model, ema: EMA, state: dict) -> Path:
+    def save(self, step: int, weights: dict[str, torch.nn.Module], state: dict) -> Path:
+        """`weights`: networks by file stem ({"model": …, "ema": …} → model.safetensors, ema.safetensors)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"step-{step:07d}"
         temporary = self.directory / f".step-{step:07d}.tmp{os.getpid()}"
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(temporary / "model.safetensors"))
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema.model.state_dict().items()},
-                  str(temporary / "ema.safetensors"))
+        for stem, network in weights.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()},
+                      str(temporary / f"{stem}.safetensors"))
         torch.save(state, temporary / "state.pt")
         for file in temporary.iterdir():
             with open(file, "rb") as handle:
@@ -403,8 +421,9 @@ class MetricsLog:
             (self.backend.close if hasattr(self.backend, "close") else self.backend.finish)()
 
 
-def prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> None:
-    """Refuses to mix two different runs in one folder."""
+def prepare_run_dir(run_dir: Path, config, resume: bool, overwrite: bool,
+                    resumable: set[str] = RESUMABLE_CHANGES) -> None:
+    """Refuses to mix two different runs in one folder; `resumable` settings may change on resume."""
     saved = run_dir / "config.json"
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -414,7 +433,7 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite:
                                 " to start over")
         previous = json.loads(saved.read_text())
         changed = sorted(k for k, v in asdict(config).items()
-                         if k not in RESUMABLE_CHANGES and k in previous and json.loads(json.dumps(v)) != previous[k])
+                         if k not in resumable and k in previous and json.loads(json.dumps(v)) != previous[k])
         if changed:
             raise TrainingError(f"{saved}: the run was started with other settings ({', '.join(changed)});"
                                 " use a new --out folder")
@@ -520,14 +539,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
     if world.world_size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
 
-    stop_signal = []
-    previous_handlers = {}
-    if world.is_main or world.world_size > 1:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous_handlers[sig] = signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-            except ValueError:  # not the main thread (e.g. inside the app's process): no handlers
-                pass
+    stop_signal = StopRequests()
 
     def save(reason: str) -> Path:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -535,7 +547,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
                  "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                  "epoch": stream.epoch, "position": stream.position, "step": step, "train_seconds": train_seconds,
                  "skipped_steps": skipped_total, "images_seen": step * config.batch_size, "reason": reason}
-        return checkpoints.save(step, model, ema, state)
+        return checkpoints.save(step, {"model": model, "ema": ema.model}, state)
 
     def preview() -> None:
         noise, sample_generator = initial_noise(config.sample_count, config.image_size, seed=1234, device=device)
@@ -615,8 +627,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
         bar.close()
         if log is not None:
             log.close()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
+        stop_signal.release()
         if world.world_size > 1:
             dist.barrier()
     return checkpoints.latest()

@@ -1,0 +1,390 @@
+"""`birdgen distill`: progressive distillation (Salimans & Ho 2022) of a model into a student
+that samples with a few deterministic DDIM steps.
+
+Each round halves the steps: a student, starting as a copy of its teacher, learns to take in one
+DDIM step what the teacher takes in two, on the teacher's own DDIM grid (2N trailing steps ->
+N). The next round's teacher is this round's student. A run folder holds what a training run
+holds (config.json, run.json, metrics.jsonl, checkpoints/ with model.safetensors = the student,
+teacher.safetensors = this round's teacher and state.pt, samples/), so it resumes exactly and
+`birdgen export` turns it into a model folder that records its sampler and step count.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .checkpoint import ModelError, atomic_write_text, config_dict, load_model, save_model
+from .data import load_crops, recover_split
+from .diffusion import DiffusionConfig, NoiseSchedule
+from .networks import UNet, UNetConfig, parameter_count
+from .samplers import DDIMSampler, Denoiser, initial_noise, run_to_end
+from .training_loop import (BatchStream, Checkpoints, MetricsLog, StopRequests, TrainingError, draw_batch,
+                            peak_memory_mb, prepare_run_dir, resolve_device, resolve_precision)
+from .utils import check_field_types, machine_description, save_grid
+
+METHOD = "progressive distillation (Salimans & Ho 2022)"
+RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_threads", "progress",
+                     "max_nonfinite", "device", "precision", "channels_last", "log"}
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "models/small-attn"  # model folder: a trained model, or a student to halve further
+    data: str = ""  # CUB_200_2011 root; the teacher's own training crops are used (its split record)
+    teacher_steps: int = 32  # DDIM steps of the teacher that the first round halves
+    steps_target: int = 4  # DDIM steps of the final student; teacher_steps / steps_target must be a power of 2
+    round_steps: int = 1000  # optimizer steps per halving round
+    batch_size: int = 32
+    lr: float = 1e-4  # decayed linearly to 0 within each round (Salimans & Ho 2022, appendix)
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
+    channels_last: bool = True
+    num_threads: int = 0  # CPU threads; 0 = all cores
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    sample_every: int = 500  # previews also at the end of every round
+    sample_count: int = 16
+    log_every: int = 20
+    log: str = "none"
+    progress: bool = True
+    max_nonfinite: int = 20
+
+    @property
+    def rounds(self) -> int:
+        return round(math.log2(self.teacher_steps / self.steps_target))
+
+    @property
+    def total_steps(self) -> int:
+        return self.rounds * self.round_steps
+
+    def student_steps(self, round_index: int) -> int:
+        return self.teacher_steps >> (round_index + 1)
+
+    def validate(self) -> None:
+        for name in ("teacher_steps", "steps_target", "round_steps", "batch_size", "checkpoint_every",
+                     "keep_checkpoints", "sample_every", "sample_count", "log_every", "max_nonfinite"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        ratio = self.teacher_steps / self.steps_target
+        if self.teacher_steps % self.steps_target or ratio < 2 or ratio != 2 ** round(math.log2(ratio)):
+            raise TrainingError(f"steps_target {self.steps_target} must divide teacher_steps {self.teacher_steps} by a"
+                                " power of two (each round halves the steps), e.g. 32 -> 4")
+        if not self.lr > 0:
+            raise TrainingError(f"learning rate must be positive (got {self.lr})")
+        if self.grad_clip < 0 or self.num_threads < 0:
+            raise TrainingError("grad_clip and num_threads must not be negative")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise TrainingError(f"precision {self.precision!r}: choose one of auto, fp32, bf16, fp16")
+        if self.log != "none":
+            raise TrainingError("distillation logs to metrics.jsonl only (--log none)")
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "DistillConfig":
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TrainingError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+        try:
+            check_field_types(cls, values)
+        except ValueError as error:
+            raise TrainingError(f"{source}: {error}") from None
+        return cls(**values)
+
+
+class ProgressiveDistillationLoss:
+    """Salimans & Ho 2022, Algorithm 2, for one round: a student of N DDIM steps against a
+    teacher of 2N on the same trailing grid, whose every other point is the student's.
+
+    From z_t at a student grid point t, two teacher DDIM steps land on z_t'' (t' and t'' the next
+    two teacher points; t'' may be the clean end, where z_t'' is the teacher's x_0). The x_0
+    that makes one student DDIM step from z_t land exactly there is (Algorithm 2)
+        x~ = (z_t'' - (sigma_t'' / sigma_t) z_t) / (alpha_t'' - (sigma_t'' / sigma_t) alpha_t),
+    and the loss is the truncated-SNR-weighted error max(SNR_t, 1) ||x~ - x_hat(z_t)||^2 (sec. 4).
+    The teacher's steps clip x_0 to [-1, 1] as the samplers do, so the student learns the
+    sampler the app runs.
+    """
+
+    def __init__(self, schedule: NoiseSchedule, student_steps: int, autocast_dtype: torch.dtype | None = None):
+        teacher_grid = DDIMSampler(schedule, 2 * student_steps).timesteps
+        student_grid = DDIMSampler(schedule, student_steps).timesteps
+        if teacher_grid[::2] != student_grid:
+            raise TrainingError(f"the {2 * student_steps}-step DDIM grid does not contain the {student_steps}-step one"
+                                f" for {schedule.num_steps} noise steps; pick step counts that divide it")
+        self.schedule = schedule
+        self.student_steps = student_steps
+        self.autocast_dtype = autocast_dtype
+        # Teacher grid points 0 … 2N-1, then the clean end (timestep -1, alpha_bar = 1).
+        self.timesteps = torch.tensor(teacher_grid + [-1])
+        self.alpha_bar = torch.cat([schedule.alpha_bar64[teacher_grid], torch.ones(1, dtype=torch.float64)]).float()
+
+    def _coefficients(self, points: torch.Tensor, like: torch.Tensor):
+        alpha_bar = self.alpha_bar.to(like.device)[points].view(-1, 1, 1, 1)
+        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+    def _predict_x0(self, network, z: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        t = self.timesteps.to(z.device)[points]
+        with torch.autocast(z.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            output = network(z, t).float()
+        return self.schedule.predict_x0_and_eps(output, z, t)[0]
+
+    @torch.no_grad()
+    def _teacher_step(self, teacher, z: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """One clipped DDIM step (Song et al. 2021, eq. 12, eta = 0) from grid point p to p + 1."""
+        x0 = self._predict_x0(teacher, z, points).clamp(-1, 1)
+        alpha, sigma = self._coefficients(points, z)
+        eps = (z - alpha * x0) / sigma
+        alpha_next, sigma_next = self._coefficients(points + 1, z)
+        return alpha_next * x0 + sigma_next * eps
+
+    @torch.no_grad()
+    def target(self, teacher, z: torch.Tensor, student_index: torch.Tensor) -> torch.Tensor:
+        """x~ for student grid indices (0 = noisiest) at z."""
+        points = 2 * student_index.to(z.device)
+        z_end = self._teacher_step(teacher, self._teacher_step(teacher, z, points), points + 1)
+        alpha, sigma = self._coefficients(points, z)
+        alpha_end, sigma_end = self._coefficients(points + 2, z)
+        ratio = sigma_end / sigma
+        return (z_end - ratio * z) / (alpha_end - ratio * alpha)
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, student_index: torch.Tensor) -> torch.Tensor:
+        """z_t ~ q(z_t | x_0) at the student's grid points."""
+        alpha, sigma = self._coefficients(2 * student_index.to(x0.device), x0)
+        return alpha * x0 + sigma * noise
+
+    def weights(self, student_index: torch.Tensor) -> torch.Tensor:
+        alpha_bar = self.alpha_bar[2 * student_index.cpu()]
+        return (alpha_bar / (1 - alpha_bar)).clamp(min=1.0)
+
+    def __call__(self, student, teacher, x0: torch.Tensor, noise: torch.Tensor,
+                 student_index: torch.Tensor) -> torch.Tensor:
+        z = self.noisy(x0, noise, student_index)
+        target = self.target(teacher, z, student_index)
+        x_hat = self._predict_x0(student, z, 2 * student_index.to(z.device))
+        per_sample = (x_hat - target).square().mean(dim=(1, 2, 3))
+        return (per_sample * self.weights(student_index).to(per_sample.device)).mean()
+
+
+def load_teacher(config: DistillConfig, device: torch.device):
+    """The teacher model; a student may teach only at its own step count (its grid's halves)."""
+    try:
+        teacher = load_model(config.teacher, device)
+    except ModelError as error:
+        raise TrainingError(f"teacher: {error}") from None
+    if teacher.conditional:
+        raise TrainingError(f"teacher {config.teacher}: a species model; distilling classifier-free guidance is not"
+                            " supported, pick an unconditional model")
+    if teacher.sampling is not None:
+        fixed = teacher.sampling["steps"]
+        if teacher.sampling["sampler"] != "ddim" or fixed != config.teacher_steps:
+            raise TrainingError(f"teacher {config.teacher}: a student distilled for {fixed}"
+                                f" {teacher.sampling['sampler']} steps can only teach at that count; pass"
+                                f" --teacher-steps {fixed}")
+    if config.teacher_steps > teacher.schedule.num_steps:
+        raise TrainingError(f"teacher_steps {config.teacher_steps} exceeds the teacher's {teacher.schedule.num_steps}"
+                            " noise steps")
+    return teacher
+
+
+def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
+            crops=None) -> Path:
+    """Runs every round; returns the last checkpoint. Safe to stop at any time (Ctrl-C saves)."""
+    config.validate()
+    run_dir = Path(out)
+    device = resolve_device(config.device)
+    teacher_model = load_teacher(config, device)
+    schedule = teacher_model.schedule
+    prepare_run_dir(run_dir, config, resume, overwrite, RESUMABLE_CHANGES)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    autocast_dtype = resolve_precision(config, device)
+    data = teacher_model.data or {}
+    crops = crops if crops is not None else load_crops(config.data, data.get("image_size", 64), data.get("crop", "square"),
+                                                       data.get("padding", 0.1), progress=config.progress)
+    try:
+        train_indices, _ = recover_split(teacher_model.data, crops, f"teacher {config.teacher}")
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    images = torch.from_numpy(crops.images[train_indices]).to(device)
+
+    teacher = teacher_model.network.eval().requires_grad_(False)
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    if config.channels_last:
+        teacher, student = (n.to(memory_format=torch.channels_last) for n in (teacher, student))
+    stream = BatchStream(len(train_indices), config.batch_size, config.seed)
+    generator = torch.Generator().manual_seed(config.seed + 1)  # flips, grid points and noise
+    checkpoints = Checkpoints(run_dir, config.keep_checkpoints)
+    step, train_seconds, skipped_total, round_index = 0, 0.0, 0, 0
+    optimizer_state = None
+
+    latest = checkpoints.latest() if resume else None
+    if latest is not None:
+        student.load_state_dict(load_file(str(latest / "model.safetensors"), device=str(device)))
+        teacher.load_state_dict(load_file(str(latest / "teacher.safetensors"), device=str(device)))
+        state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)
+        generator.set_state(state["generator"])
+        stream = BatchStream(len(train_indices), config.batch_size, config.seed, state["epoch"], state["position"])
+        step, train_seconds, skipped_total = state["step"], state["train_seconds"], state["skipped_steps"]
+        round_index, optimizer_state = state["round"], state["optimizer"]
+
+    def new_round(index: int):
+        optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0,
+                                      fused=device.type == "cuda")
+        return optimizer, ProgressiveDistillationLoss(schedule, config.student_steps(index), autocast_dtype)
+
+    optimizer, loss_fn = new_round(round_index)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.json", json.dumps(asdict(config), indent=2) + "\n")
+    log = MetricsLog(run_dir / "metrics.jsonl", "none", config, run_dir)
+    log.truncate_after(step)
+    if latest is None:
+        (run_dir / "metrics.jsonl").write_text("")
+        atomic_write_text(run_dir / "run.json", json.dumps({
+            "kind": "distillation", "machine": machine_description(device), "parameters": parameter_count(student),
+            "teacher": str(config.teacher), "teacher_training": teacher_model.training, "data": teacher_model.data,
+            "train_images": len(train_indices),
+            **config_dict(teacher_model.network_config, teacher_model.diffusion_config)}, indent=2) + "\n")
+    print(f"Distilling {config.teacher} ({parameter_count(student):,} parameters): DDIM {config.teacher_steps} ->"
+          f" {config.steps_target} steps in {config.rounds} rounds of {config.round_steps} steps of batch"
+          f" {config.batch_size} · {len(train_indices)} training crops · {machine_description(device)}", flush=True)
+    if latest is not None:
+        print(f"Resuming {run_dir} from {latest.name} at step {step} (round {round_index + 1})", flush=True)
+
+    def save(reason: str) -> Path:
+        state = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "epoch": stream.epoch,
+                 "position": stream.position, "step": step, "round": round_index, "train_seconds": train_seconds,
+                 "skipped_steps": skipped_total, "images_seen": step * config.batch_size, "reason": reason}
+        return checkpoints.save(step, {"model": student, "teacher": teacher}, state)
+
+    def preview() -> None:
+        noise, _ = initial_noise(config.sample_count, images.shape[1], seed=1234, device=device)
+        denoiser = Denoiser(student, schedule, autocast_dtype, config.channels_last)
+        student.eval()
+        samples = run_to_end(DDIMSampler(schedule, loss_fn.student_steps), denoiser, noise)
+        student.train()
+        (run_dir / "samples").mkdir(exist_ok=True)
+        save_grid(samples, run_dir / "samples" / f"step-{step:07d}.png")
+        save_grid(samples, run_dir / "samples" / "latest.png")
+
+    stop = StopRequests()
+    bar = tqdm(total=config.total_steps, initial=step, desc="Distilling", unit="step", disable=not config.progress,
+               dynamic_ncols=True)
+    interval = {"loss": 0.0, "count": 0, "start": time.perf_counter()}
+    consecutive_bad, last_saved = 0, step
+    try:
+        while step < config.total_steps and not stop:
+            if step // config.round_steps != round_index:  # a new round: this round's student teaches the next
+                round_index = step // config.round_steps
+                teacher.load_state_dict(student.state_dict())
+                optimizer, loss_fn = new_round(round_index)
+            started = time.perf_counter()
+            in_round = step - round_index * config.round_steps
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * (1 - in_round / config.round_steps)
+            x0, index, noise, _ = draw_batch(images, stream, generator, loss_fn.student_steps,
+                                             channels_last=config.channels_last)
+            loss = loss_fn(student, teacher, x0, noise, index)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip or float("inf"))
+            if not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                skipped_total += 1
+                consecutive_bad += 1
+                if consecutive_bad >= config.max_nonfinite:
+                    raise TrainingError(f"loss or gradients were not finite for {consecutive_bad} steps in a row at"
+                                        f" step {step}; lower the learning rate or use fp32 (last checkpoint kept)")
+                continue
+            consecutive_bad = 0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            train_seconds += time.perf_counter() - started
+            interval["loss"] += loss.item()
+            interval["count"] += 1
+            bar.update(1)
+            if step % config.log_every == 0:
+                elapsed = time.perf_counter() - interval["start"]
+                record = {"step": step, "round": round_index + 1, "student_steps": loss_fn.student_steps,
+                          "loss": interval["loss"] / interval["count"], "lr": optimizer.param_groups[0]["lr"],
+                          "images_per_s": interval["count"] * config.batch_size / elapsed,
+                          "images_seen": step * config.batch_size, "skipped_steps": skipped_total,
+                          "memory_mb": peak_memory_mb(device), "time": time.time()}
+                log.write(record)
+                bar.set_postfix(round=f"{round_index + 1}/{config.rounds}", steps=loss_fn.student_steps,
+                                loss=f"{record['loss']:.4f}")
+                interval = {"loss": 0.0, "count": 0, "start": time.perf_counter()}
+            round_done = step % config.round_steps == 0
+            if round_done:
+                save_student(student, student_file(run_dir, loss_fn.student_steps))
+            if step % config.sample_every == 0 or round_done:
+                preview()
+            if step % config.checkpoint_every == 0 or round_done:
+                save("interval")
+                last_saved = step
+        if step != last_saved:
+            save("signal" if stop else "end")
+        if stop:
+            bar.write(f"Stopped by signal at step {step}; resume with --resume")
+    finally:
+        bar.close()
+        log.close()
+        stop.release()
+    return checkpoints.latest()
+
+
+def student_file(run_dir: Path, steps: int) -> Path:
+    return run_dir / "students" / f"ddim-{steps}.safetensors"
+
+
+def save_student(student: torch.nn.Module, path: Path) -> None:
+    """Each round's final student, so one run gives every step count it passed through."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, str(temporary))
+    os.replace(temporary, path)
+
+
+def export_student(run_dir: str | os.PathLike, out: str | os.PathLike, steps: int | None = None,
+                   half: bool = True) -> Path:
+    """Writes the round's student for `steps` DDIM steps (default: the run's target) as a model
+    folder that records its sampler."""
+    run_dir = Path(run_dir)
+    config = DistillConfig.from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
+    steps = config.steps_target if steps is None else steps
+    rounds = [config.student_steps(r) for r in range(config.rounds)]
+    if steps not in rounds:
+        raise TrainingError(f"{run_dir}: this run distils to {', '.join(map(str, rounds))} steps, not {steps}")
+    round_index = rounds.index(steps)
+    path = student_file(run_dir, steps)
+    if not path.is_file():
+        raise TrainingError(f"{run_dir}: round {round_index + 1} ({steps} steps) has not finished; continue with"
+                            " `birdgen distill --resume`")
+    run = json.loads((run_dir / "run.json").read_text())
+    network_config, diffusion_config = UNetConfig.from_dict(run["network"]), DiffusionConfig(**run["diffusion"])
+    student = UNet(network_config)
+    student.load_state_dict(load_file(str(path)))
+    latest = Checkpoints(run_dir, 1).latest()
+    seconds = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)["train_seconds"] \
+        if latest is not None else 0.0
+    done_steps = (round_index + 1) * config.round_steps
+    distillation = {"method": METHOD, "teacher": run["teacher"], "teacher_steps": config.teacher_steps,
+                    "rounds": round_index + 1, "round_steps": config.round_steps, "batch_size": config.batch_size,
+                    "lr": config.lr, "images_seen": done_steps * config.batch_size, "machine": run.get("machine"),
+                    "run_hours": round(seconds / 3600, 2)}
+    return save_model(out, student, network_config, diffusion_config, half=half,
+                      training=run.get("teacher_training"), data=run.get("data"),
+                      sampling={"sampler": "ddim", "steps": steps}, distillation=distillation)

@@ -18,7 +18,7 @@ from .diffusion import DiffusionConfig
 from .download import DownloadError, download
 from .editing import EditError
 from .networks import PRESETS, parameter_count, preset
-from .pipeline import GenerationRequest, generation_steps, make_request_sampler
+from .pipeline import DEFAULT_SAMPLING, GenerationRequest, generation_steps, make_request_sampler
 from .samplers import DEFAULT_STEPS, SAMPLERS
 from .training_loop import TrainConfig, TrainingError, train
 from .utils import machine_description, pick_device, save_grid
@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = sample.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="model folder or Hugging Face Hub id (owner/name)")
     source.add_argument("--preset", choices=list(PRESETS), help="a randomly initialised network (for testing)")
-    sample.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    sample.add_argument("--steps", type=int, help=f"network evaluations (defaults: {DEFAULT_STEPS})")
+    sample.add_argument("--sampler", choices=SAMPLERS,
+                        help=f"default: a distilled student's own, else {DEFAULT_SAMPLING[0]} {DEFAULT_SAMPLING[1]}")
+    sample.add_argument("--steps", type=int, help=f"network evaluations (defaults with --sampler: {DEFAULT_STEPS})")
     sample.add_argument("--num", type=int, default=16, help="number of images (default 16)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise, 0 (deterministic) … 1")
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--to", required=True, help="model folder to write, e.g. models/NAME")
     export.add_argument("--fp32", action="store_true", help="store float32 weights (default: float16)")
     export.add_argument("--heldout-batches", type=int, default=4, help="batches of held-out crops for the card's loss")
+    export.add_argument("--steps", type=int, help="distillation runs: the student for this many steps (default: the"
+                                                  " run's target; every round's student is kept)")
     export.set_defaults(handler=cmd_export)
 
     push = commands.add_parser("push", help="upload a model folder to the Hugging Face Hub")
@@ -238,8 +241,8 @@ def cmd_sample(args) -> int:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    total = make_request_sampler(model, request).num_steps
-    with tqdm(total=total, desc=f"Sampling ({args.sampler})", unit="step") as bar:
+    sampler = make_request_sampler(model, request)
+    with tqdm(total=sampler.num_steps, desc=f"Sampling ({sampler.name})", unit="step") as bar:
         for step in generation_steps(model, request):
             bar.update(1)
     seconds = time.perf_counter() - started
@@ -256,7 +259,7 @@ def cmd_sample(args) -> int:
 
         names = species_names(model)
         print(f"rows: {', '.join(names[s] for s in species)} (guidance {args.guidance:g})")
-    print(f"{request.total_images} images, {step.num_steps} {args.sampler} steps in {seconds:.1f} s on {device};"
+    print(f"{request.total_images} images, {step.num_steps} {sampler.name} steps in {seconds:.1f} s on {device};"
           f" wrote {path}")
     return 0
 
@@ -392,9 +395,15 @@ def cmd_distill(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .modelcard import export_with_card
+    from .modelcard import export_student_with_card, export_with_card
 
-    folder = export_with_card(args.run, args.to, half=not args.fp32, heldout_batches=args.heldout_batches)
+    run_info = Path(args.run) / "run.json"
+    if run_info.is_file() and json.loads(run_info.read_text()).get("kind") == "distillation":
+        folder = export_student_with_card(args.run, args.to, args.steps, half=not args.fp32)
+    elif args.steps is not None:
+        raise TrainingError(f"{args.run}: --steps picks a student of a distillation run; this is a training run")
+    else:
+        folder = export_with_card(args.run, args.to, half=not args.fp32, heldout_batches=args.heldout_batches)
     print(f"Wrote model folder {folder}")
     return 0
 

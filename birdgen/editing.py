@@ -21,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .checkpoint import BirdModel
 from .data import to_model_range
-from .pipeline import MAX_GUIDANCE
+from .pipeline import MAX_GUIDANCE, check_student_sampler
 from .samplers import DDIMSampler, Sampler, SamplerStep, initial_noise, make_sampler
 
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to 120 MB; more is refused before decoding
@@ -135,6 +135,7 @@ def interpolation_steps(model: BirdModel, seed_a: int, seed_b: int, frames: int 
 
         require_species_model(model)
         labels = species_weights(model, *species, frames)
+    check_student_sampler(model, "ddim", steps)
     yield from DDIMSampler(model.schedule, steps, eta=0.0).steps(model.denoiser(labels, guidance), noise)
 
 
@@ -182,6 +183,7 @@ def sdedit_steps(model: BirdModel, image: torch.Tensor, request: EditRequest) ->
 
         require_species_model(model)
         labels = torch.full((request.num_images,), request.species, device=model.device)
+    check_student_sampler(model, request.sampler, request.steps, request.eta)
     sampler = make_sampler(request.sampler, model.schedule, request.steps, eta=request.eta)
     size, channels = model.network_config.image_size, model.network_config.in_channels
     noise, generator = initial_noise(request.num_images, size, request.seed, model.device, channels)
@@ -282,6 +284,9 @@ def inpaint_steps(model: BirdModel, image: torch.Tensor, mask: torch.Tensor, ste
     """Regenerates the masked part of `image` (num_images different fillings)."""
     if not 1 <= num_images <= 64:
         raise EditError(f"number of images {num_images} out of range [1, 64]")
+    if model.sampling is not None:
+        raise EditError(f"{model.name} is a distilled student: RePaint needs the many ancestral DDPM steps it was"
+                        " not distilled for; inpaint with its teacher")
     size, channels = model.network_config.image_size, model.network_config.in_channels
     if tuple(image.shape[-2:]) != (size, size) or tuple(mask.shape[-2:]) != (size, size):
         raise EditError(f"image and mask must be {size}×{size} for this model")

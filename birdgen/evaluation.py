@@ -14,7 +14,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ KID_SUBSET_SIZE = 1000
 PRECISION_RECALL_K = 3  # Kynkäänniemi et al. 2019
 MIN_SAMPLES = 10
 NEAR_COPY_PERCENTILE = 1.0
+EVAL_SAMPLING = ("ddim", 50)  # the sampler of the published numbers
 MEMORIZATION_PAIRS_FILE = "memorization.png"
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -218,8 +219,8 @@ class Evaluation:
 class EvalSettings:
     reference: str = "heldout"  # real crops to compare with: the model's "heldout" crops or its "train" crops
     num_samples: int = 1000
-    sampler: str = "ddim"
-    steps: int | None = 50
+    sampler: str | None = None  # None: a distilled student's own sampler, else EVAL_SAMPLING
+    steps: int | None = None  # None: the sampler's default (EVAL_SAMPLING's 50 steps when sampler is None too)
     eta: float = 0.0
     batch_size: int = 64
     seed: int = 0
@@ -237,11 +238,20 @@ class EvalSettings:
             raise EvaluationError(f"batch_size {self.batch_size} must be at least 1")
 
 
+def for_model(settings: EvalSettings, model: BirdModel) -> EvalSettings:
+    """The settings with the sampler and steps resolved for `model`."""
+    if settings.sampler is not None:
+        return settings
+    sampler, steps = (model.sampling["sampler"], model.sampling["steps"]) if model.sampling else EVAL_SAMPLING
+    return replace(settings, sampler=sampler, steps=steps if settings.steps is None else settings.steps)
+
+
 def generate_uint8(model: BirdModel, settings: EvalSettings, progress: Progress | None = None,
                    species: list[int] | None = None) -> torch.Tensor:
     """settings.num_samples generated birds as uint8 NHWC, in seeded batches (seed + index of the
     first); for a species model, image i is of species[i % len(species)] (class indices)."""
     chunks, done = [], 0
+    settings = for_model(settings, model)
     while done < settings.num_samples:
         count = min(settings.batch_size, settings.num_samples - done)
         request = GenerationRequest(settings.sampler, settings.steps, count, settings.seed + done, settings.eta)
@@ -261,6 +271,7 @@ def evaluate(model: BirdModel, crops: CubCrops, settings: EvalSettings, extracto
     """Generates settings.num_samples birds and scores them against the real crops of the
     model's own split."""
     settings.validate()
+    settings = for_model(settings, model)
     started = time.perf_counter()
     where = str(model.path or model.name)
     train_indices, heldout_indices = recover_split(model.data, crops, where)
@@ -385,8 +396,9 @@ def add_eval_parser(commands) -> None:
     parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
                         help="real crops to compare with: the model's held-out crops (default) or its training crops")
     parser.add_argument("--num-samples", type=int, default=1000, help=f"generated images (at least {MIN_SAMPLES})")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp"), default="ddim")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp"),
+                        help=f"default: a distilled student's own, else {EVAL_SAMPLING[0]} {EVAL_SAMPLING[1]}")
+    parser.add_argument("--steps", type=int, help="network evaluations (default: the sampler's)")
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)

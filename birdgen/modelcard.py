@@ -199,3 +199,62 @@ def update_card_quality(folder: Path) -> None:
         following = card.find("\n## ", start + 1)
         card = card[:start] + section + ("\n" + card[following + 1:] if following != -1 else "")
     atomic_write_text(path, card)
+
+
+def export_student_with_card(run_dir: str | os.PathLike, out: str | os.PathLike, steps: int | None = None,
+                             half: bool = True) -> Path:
+    """`birdgen export` for a distillation run: the student folder, a grid at its own steps, the
+    teacher beside it on the same noise, and a card saying how it was distilled."""
+    from .distillation import DistillConfig, export_student
+
+    run_dir, out = Path(run_dir), Path(out)
+    export_student(run_dir, out, steps, half)
+    config = DistillConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    student = load_model(out)
+    teacher = load_model(config.teacher)
+    steps = student.sampling["steps"]
+    noise, _ = initial_noise(64, student.network_config.image_size, GRID_SEED)
+    save_grid(run_to_end(DDIMSampler(student.schedule, steps), student.denoiser(), noise), out / "samples.png",
+              columns=8)
+    rows = [run_to_end(DDIMSampler(teacher.schedule, n), network.denoiser(), noise[:8])
+            for network, n in ((teacher, 50), (teacher, steps), (student, steps))]
+    save_grid(torch.cat(rows), out / "comparison.png", columns=8)
+    records = [r for r in read_metrics(run_dir) if r["student_steps"] >= steps]
+    if records:
+        plot_loss(records, out / "loss.png")
+    d = student.distillation
+    card = f"""# {out.name}
+
+A distilled student of `{d['teacher']}`: it generates {student.network_config.image_size}×{student.network_config.image_size}
+birds in **{steps} deterministic DDIM step{'s' if steps > 1 else ''}** (network evaluations), where its teacher
+needs about 50. The folder records this sampler (`config.json`, `sampling`), so `birdgen sample --model
+THIS_FOLDER` and the app use it by default, and other samplers or step counts are refused (the student
+has not learned them).
+
+| | |
+|---|---|
+| method | {d['method']}: each round halves the DDIM steps; the student learns to land in one step where its teacher lands in two (truncated-SNR-weighted x₀ loss, teacher steps clipped to [-1, 1] like the app's sampler) |
+| teacher | `{d['teacher']}` at DDIM {d['teacher_steps']} steps, {student.parameter_count:,} parameters, same network |
+| rounds | {d['rounds']} ({' → '.join(str(d['teacher_steps'] >> r) for r in range(d['rounds'] + 1))} steps), {d['round_steps']:,} steps of batch {d['batch_size']} each, AdamW lr {d['lr']:g} decayed linearly to 0 per round |
+| distillation | {d['images_seen']:,} images seen on {d.get('machine') or 'unknown hardware'} (the whole run: {d['run_hours']:.2f} h) |
+| data | the teacher's own training crops (its split record is copied into `config.json`) |
+
+Distillation command:
+
+```
+birdgen distill --out {run_dir} --teacher {config.teacher} --data {config.data} --teacher-steps {config.teacher_steps} --steps-target {config.steps_target} --round-steps {config.round_steps} --lr {config.lr:g} --batch-size {config.batch_size}
+birdgen export {run_dir} --to {out} --steps {steps}
+```
+
+{quality_section(read_metrics_file(out / METRICS_FILE), out)}
+## Samples
+{steps} DDIM step{'s' if steps > 1 else ''}, seed {GRID_SEED}:
+
+![samples](samples.png)
+
+Same noise, rows: the teacher with DDIM 50, the teacher with DDIM {steps}, this student with DDIM {steps}:
+
+![comparison](comparison.png)
+{"## Distillation loss" + chr(10) + "![loss](loss.png)" + chr(10) if records else ""}"""
+    atomic_write_text(out / CARD_FILE, card)
+    return out

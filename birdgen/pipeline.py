@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,10 +18,15 @@ MAX_IMAGES = 256
 MAX_GUIDANCE = 15.0
 
 
+# What a model samples with when the user names no sampler, unless it is a distilled student:
+# the cheapest setting that keeps quality (BENCHMARKS.md, "Steps and quality").
+DEFAULT_SAMPLING = ("dpmpp", 10)
+
+
 @dataclass
 class GenerationRequest:
-    sampler: str = "ddim"  # "ddpm", "ddim" or "dpmpp"
-    steps: int | None = None  # network evaluations; None = the sampler's default
+    sampler: str | None = None  # "ddpm", "ddim" or "dpmpp"; None = the model's default (`model_sampling`)
+    steps: int | None = None  # network evaluations; None = the sampler's default, or the model's with no sampler
     num_images: int = 16  # 1 … MAX_IMAGES
     seed: int = 0
     eta: float = 0.0  # DDIM only, [0, 1]
@@ -42,9 +48,43 @@ class GenerationRequest:
             raise ValueError(f"seed {self.seed} out of range [0, 2^63)")
 
 
+def model_sampling(model: BirdModel) -> tuple[str, int]:
+    """(sampler, steps) a model gets by default: a student's own, else DEFAULT_SAMPLING."""
+    if model.sampling is not None:
+        return model.sampling["sampler"], model.sampling["steps"]
+    return DEFAULT_SAMPLING[0], min(DEFAULT_SAMPLING[1], model.schedule.num_steps)
+
+
+def for_model(model: BirdModel, request: GenerationRequest) -> GenerationRequest:
+    """The request with a student's fixed sampler in place of whatever was asked (the app's
+    shared controls, e.g. Compare's, then still fit both models)."""
+    if model.sampling is None:
+        return request
+    sampler, steps = model_sampling(model)
+    return dataclasses.replace(request, sampler=sampler, steps=steps, eta=0.0)
+
+
 def make_request_sampler(model: BirdModel, request: GenerationRequest) -> Sampler:
     request.validate()
-    return make_sampler(request.sampler, model.schedule, request.steps, eta=request.eta)
+    sampler, steps = request.sampler, request.steps
+    if sampler is None:
+        sampler, default_steps = model_sampling(model)
+        steps = default_steps if steps is None else steps
+    if model.sampling is not None and steps is None:
+        steps = model_sampling(model)[1]
+    check_student_sampler(model, sampler, steps, request.eta)
+    return make_sampler(sampler, model.schedule, steps, eta=request.eta)
+
+
+def check_student_sampler(model: BirdModel, sampler: str, steps: int | None, eta: float = 0.0) -> None:
+    """A distilled student works only with the sampler and steps it was distilled for."""
+    if model.sampling is None:
+        return
+    fixed = model_sampling(model)
+    if (sampler, steps) != fixed or eta:
+        raise ValueError(f"{model.name} is a student distilled for {fixed[1]} {fixed[0]} steps only; {sampler} with"
+                         f" {steps} steps{f' and eta {eta:g}' if eta else ''} would give noise, not birds (leave"
+                         " sampler and steps unset, or use its teacher)")
 
 
 def generation_steps(model: BirdModel, request: GenerationRequest,

@@ -13,14 +13,14 @@ import streamlit as st
 import torch
 
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, BirdModel, ModelError, load_model
-from .pipeline import MAX_IMAGES, GenerationQueue, GenerationRequest
+from .pipeline import DEFAULT_SAMPLING, MAX_IMAGES, GenerationQueue, GenerationRequest, model_sampling
 from .samplers import SAMPLERS
 from .utils import machine_description
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLER_LABELS = {"ddpm": "DDPM (ancestral)", "ddim": "DDIM", "dpmpp": "DPM-Solver++ (2M)"}
 # Slider range and default per sampler: DDPM needs many steps, DPM-Solver++ few.
-STEP_RANGES = {"ddpm": (10, 1000, 250), "ddim": (1, 250, 25), "dpmpp": (3, 100, 15)}
+STEP_RANGES = {"ddpm": (10, 1000, 250), "ddim": (1, 250, 25), "dpmpp": (3, 100, DEFAULT_SAMPLING[1])}
 
 
 def through_app_navigation() -> None:
@@ -87,17 +87,26 @@ def model_picker(label: str = "Model", key: str = "model", prefer: str | None = 
         st.stop()
 
 
-def sampler_controls(key: str = "gen", max_images: int = 16, default_images: int = 8) -> GenerationRequest:
-    """Sampler, steps (range fits the sampler), eta, seed (with a random button), image count."""
-    columns = st.columns(2)
-    sampler = columns[0].selectbox("Sampler", SAMPLERS, index=1, format_func=SAMPLER_LABELS.get, key=f"{key}_sampler")
-    low, high, default = STEP_RANGES[sampler]
-    steps = columns[1].slider("Steps", low, high, default, key=f"{key}_steps_{sampler}",
-                              help="Network evaluations. More steps: slower, usually cleaner birds.")
+def sampler_controls(key: str = "gen", max_images: int = 16, default_images: int = 8,
+                     model: BirdModel | None = None) -> GenerationRequest:
+    """Sampler, steps (range fits the sampler), eta, seed (with a random button), image count.
+    A distilled student (`model.sampling`) has one sampler and step count: those are shown, not asked."""
     eta = 0.0
-    if sampler == "ddim":
-        eta = st.slider("eta", 0.0, 1.0, 0.0, 0.05, key=f"{key}_eta",
-                        help="0 is deterministic DDIM; 1 adds as much fresh noise per step as DDPM.")
+    if model is not None and model.sampling is not None:
+        sampler, steps = model_sampling(model)
+        st.info(f"**{model.name}** is distilled to sample in **{steps} {SAMPLER_LABELS[sampler]} step"
+                f"{'s' if steps > 1 else ''}** (its teacher: `{(model.distillation or {}).get('teacher', '?')}`);"
+                " other settings would give noise, so they are fixed.")
+    else:
+        columns = st.columns(2)
+        sampler = columns[0].selectbox("Sampler", SAMPLERS, index=SAMPLERS.index(DEFAULT_SAMPLING[0]),
+                                       format_func=SAMPLER_LABELS.get, key=f"{key}_sampler")
+        low, high, default = STEP_RANGES[sampler]
+        steps = columns[1].slider("Steps", low, high, default, key=f"{key}_steps_{sampler}",
+                                  help="Network evaluations. More steps: slower, usually cleaner birds.")
+        if sampler == "ddim":
+            eta = st.slider("eta", 0.0, 1.0, 0.0, 0.05, key=f"{key}_eta",
+                            help="0 is deterministic DDIM; 1 adds as much fresh noise per step as DDPM.")
     seed_key = f"{key}_seed"
     if seed_key not in st.session_state:
         st.session_state[seed_key] = 0
@@ -107,6 +116,14 @@ def sampler_controls(key: str = "gen", max_images: int = 16, default_images: int
     seed = columns[0].number_input("Seed", 0, 2**31 - 1, step=1, key=seed_key)
     count = columns[2].number_input("Images", 1, min(max_images, MAX_IMAGES), default_images, key=f"{key}_count")
     return GenerationRequest(sampler, int(steps), int(count), int(seed), float(eta))
+
+
+def ddim_steps(model: BirdModel, container, key: str, help: str | None = None) -> int:
+    """A DDIM step slider, or a distilled student's fixed step count shown as such."""
+    if model.sampling is not None:
+        container.metric("DDIM steps (distilled)", model.sampling["steps"])
+        return model.sampling["steps"]
+    return int(container.slider("DDIM steps", 5, 100, 25, key=key, help=help))
 
 
 def species_picker(model: BirdModel, label: str, key: str, container=st) -> int | None:
@@ -254,7 +271,7 @@ def picture_source(model: BirdModel, key: str):
 def _generated_picture(_model: BirdModel, seed: int, model_path: str):
     from .pipeline import generate
 
-    return generate(_model, GenerationRequest("dpmpp", min(15, _model.schedule.num_steps), 1, seed)).images.cpu()
+    return generate(_model, GenerationRequest(num_images=1, seed=seed)).images.cpu()
 
 
 def describe(model: BirdModel) -> str:

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from birdgen import ui
-from birdgen.pipeline import generate
+from birdgen.pipeline import for_model, generate
 from birdgen.samplers import initial_noise
 from birdgen.utils import grid_image
 
@@ -22,7 +22,11 @@ with pickers[1]:
 species_model = left if left.conditional else right
 species, guidance = ui.species_controls(species_model, "cmp")
 request = ui.sampler_controls("cmp", max_images=16, default_images=8)
-requests = [ui.with_species(model, request, species, guidance) for model in (left, right)]
+requests = [ui.with_species(model, for_model(model, request), species, guidance) for model in (left, right)]
+students = [f"{m.name} ({m.sampling['steps']} {m.sampling['sampler']} steps)" for m in (left, right) if m.sampling]
+if students:
+    st.info(f"{' and '.join(students)} {'is a distilled student' if len(students) == 1 else 'are distilled students'}"
+            " and always samples with its own sampler; the settings above apply to the other model.")
 if species is not None:
     ignoring = [m.name for m, r in zip((left, right), requests) if not r.species]
     if ignoring:

@@ -31,7 +31,7 @@ if source == "a real bird crop":
                 "bird.")
 if x0 is None:
     seed = st.number_input("Seed of the generated bird", 0, 2**31 - 1, 0)
-    x0 = generate(model, GenerationRequest("ddim", min(25, T), 1, int(seed))).images.cpu()
+    x0 = generate(model, GenerationRequest(num_images=1, seed=int(seed))).images.cpu()
 
 t = st.slider("Timestep t", 0, T - 1, T // 4, help=f"0 = barely noisy, {T - 1} = pure noise")
 curves = signal_and_noise(schedule)
@@ -44,7 +44,8 @@ right.line_chart(pd.DataFrame({"signal √ᾱ_t": curves["signal"], "noise √(1
 
 st.header("Reverse process: from noise to a bird")
 species, guidance = ui.species_controls(model, "chain")
-request = ui.with_species(model, ui.sampler_controls("chain", max_images=4, default_images=1), species, guidance)
+request = ui.with_species(model, ui.sampler_controls("chain", max_images=4, default_images=1, model=model), species,
+                         guidance)
 if st.button("Run the sampler", type="primary", key="run_chain"):
     with ui.queued_turn():
         bar, on_step = ui.progress_callback()

@@ -24,7 +24,7 @@ with interpolate:
     seed_a = columns[0].number_input("From seed", 0, 2**31 - 1, 3, key="lerp_a")
     seed_b = columns[1].number_input("To seed", 0, 2**31 - 1, 7, key="lerp_b")
     frames = columns[2].slider("Frames", 3, 16, 9, key="lerp_frames")
-    steps = columns[3].slider("DDIM steps", 5, 100, 25, key="lerp_steps")
+    steps = ui.ddim_steps(model, columns[3], "lerp_steps")
     species, guidance = None, 3.0
     if model.conditional:
         st.caption("A species model can also move from one species to another (with the same seed twice, only the "
@@ -56,8 +56,7 @@ with vary:
     columns = st.columns(4)
     strength = columns[0].slider("Strength", 0.0, 1.0, 0.6, 0.05, key="vary_strength",
                                  help="0 returns the picture unchanged; 1 ignores it and draws a new bird")
-    steps = columns[1].slider("DDIM steps", 5, 100, 25, key="vary_steps", help="of the whole schedule; strength × "
-                              "steps of them run")
+    steps = ui.ddim_steps(model, columns[1], "vary_steps", help="of the whole schedule; strength × steps of them run")
     count = columns[2].number_input("Images", 1, 16, 8, key="vary_count")
     seed = columns[3].number_input("Seed", 0, 2**31 - 1, 0, key="vary_seed")
     species, guidance = ui.species_controls(model, "vary")
@@ -75,6 +74,10 @@ with vary:
         st.download_button("Download PNG", png_bytes(grid), file_name="variations.png", mime="image/png")
 
 with inpaint:
+    if model.sampling is not None:
+        st.info(f"{model.name} is a distilled student: RePaint needs the many ancestral steps it was not distilled "
+                "for. Pick its teacher to inpaint.")
+        st.stop()
     picture = ui.picture_source(model, "fill")
     size = model.network_config.image_size
     columns = st.columns(4)

@@ -17,7 +17,7 @@ controls, output = st.columns([1, 2])
 with controls:
     model = ui.model_picker(prefer="small-attn")
     species, guidance = ui.species_controls(model, "gen")
-    request = ui.with_species(model, ui.sampler_controls("gen"), species, guidance)
+    request = ui.with_species(model, ui.sampler_controls("gen", model=model), species, guidance)
     pressed = st.button("Generate", type="primary", key="generate")
     cancelled = st.session_state.get("cancel", False)
 

@@ -73,7 +73,8 @@ class NoiseSchedule:
         return self.config.num_steps
 
     def snr(self, t: torch.Tensor | None = None) -> torch.Tensor:
-        alpha_bar = self.alpha_bar64 if t is None else self.alpha_bar64[t.cpu()]
+        """SNR per step, or at timesteps `t` on t's device (no copy to the host)."""
+        alpha_bar = self.alpha_bar64 if t is None else self.alpha_bar64.to(t.device)[t]
         return (alpha_bar / (1 - alpha_bar)).float()
 
     def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +126,7 @@ class DiffusionLoss:
 
     def weights(self, t: torch.Tensor) -> torch.Tensor:
         if self.min_snr_gamma is None:
-            return torch.ones(t.shape, dtype=torch.float32)
+            return torch.ones(t.shape, dtype=torch.float32, device=t.device)
         snr = self.schedule.snr(t)
         clipped = snr.clamp(max=self.min_snr_gamma)
         return clipped / snr if self.schedule.config.prediction == "epsilon" else clipped / (snr + 1)

@@ -36,7 +36,8 @@ from .utils import check_field_types, machine_description, save_grid
 PREVIEW_GUIDANCE = 3.0  # species models' previews: one species per image, guided
 # Settings that may change when a run is resumed; any other difference means another run.
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_threads",
-                     "log", "progress", "compile", "max_nonfinite", "device", "precision", "channels_last"}
+                     "log", "progress", "compile", "max_nonfinite", "device", "precision", "channels_last",
+                     "sync_free"}
 
 
 class TrainingError(RuntimeError):
@@ -83,6 +84,8 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
     channels_last: bool = True
     compile: bool = False
+    sync_free: bool | None = None  # None: on for CUDA. Steps never wait for the host; see `train`
+    lr_reference_batch: int = 0  # >0: lr is for this batch size and scales by sqrt(batch_size / it)
     num_threads: int = 0  # CPU threads; 0 = all cores
     # Output
     checkpoint_every: int = 500
@@ -103,7 +106,7 @@ class TrainConfig:
                 raise TrainingError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if not self.lr > 0:
             raise TrainingError(f"learning rate must be positive (got {self.lr})")
-        for name in ("weight_decay", "warmup_steps", "grad_clip", "num_threads"):
+        for name in ("weight_decay", "warmup_steps", "grad_clip", "num_threads", "lr_reference_batch"):
             if getattr(self, name) < 0:
                 raise TrainingError(f"{name} must not be negative (got {getattr(self, name)})")
         if not 0 <= self.ema_decay < 1:
@@ -127,6 +130,14 @@ class TrainConfig:
             self.diffusion_config()
         except ValueError as error:
             raise TrainingError(str(error)) from None
+
+    @property
+    def effective_lr(self) -> float:
+        """The square-root rule for Adam (Malladi et al. 2022): k times the batch, sqrt(k) times the
+        learning rate, so that a batch made larger to fill a GPU keeps the per-image update noise."""
+        if not self.lr_reference_batch:
+            return self.lr
+        return self.lr * math.sqrt(self.batch_size / self.lr_reference_batch)
 
     def network_config(self) -> UNetConfig:
         overrides = {"image_size": self.image_size}
@@ -187,9 +198,17 @@ class EMA:
         return min(self.decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
+    def update(self, model: torch.nn.Module, step: int, keep: torch.Tensor | None = None) -> None:
+        """`keep`: a boolean device tensor; where false (a skipped step) the average stays as it
+        was, decided on the device without a host round-trip."""
         ema_params = list(self.model.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - self.decay_at(step))
+        params = [p.detach() for p in model.parameters()]
+        if keep is None:
+            torch._foreach_lerp_(ema_params, params, 1 - self.decay_at(step))
+        else:
+            moves = torch._foreach_sub(params, ema_params)
+            torch._foreach_mul_(moves, keep.float() * (1 - self.decay_at(step)))
+            torch._foreach_add_(ema_params, moves)
         for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
             ema_buffer.copy_(buffer)
 
@@ -224,24 +243,66 @@ class BatchStream:
 def draw_batch(images: torch.Tensor, stream: BatchStream, generator: torch.Generator, num_steps: int,
                local: slice = slice(None), channels_last: bool = True, labels: torch.Tensor | None = None,
                label_dropout: float = 0.0, null_class: int = 0):
-    """The next (x0, t, noise, class labels or None) for this process. The whole global batch
+    """The next (x0, t, noise, class labels or None) for this process, drawn on `generator`'s
+    device (the CPU's as before, or the GPU's, which needs no host work). The whole global batch
     is drawn on every process, then sliced, so any number of processes sees the same images,
     timesteps, noise and labels as a single one. With `labels` (a class index per image), a
     `label_dropout` share of them becomes `null_class`, which teaches the network the
     unconditional prediction that classifier-free guidance needs."""
-    device = images.device
+    device, drawn_on = images.device, generator.device  # a CUDA generator draws without host work
     indices = stream.next()
-    batch = random_flip(to_model_range(images[indices.to(device)]), generator)
-    t = torch.randint(0, num_steps, (len(batch),), generator=generator)
-    noise = torch.randn(batch.shape, generator=generator)
+    batch = random_flip(to_model_range(images[indices.to(device, non_blocking=True)]), generator)
+    t = torch.randint(0, num_steps, (len(batch),), generator=generator, device=drawn_on)
+    noise = torch.randn(batch.shape, generator=generator, device=drawn_on)
     y = None
     if labels is not None:
-        dropped = torch.rand(len(batch), generator=generator) < label_dropout
-        y = torch.where(dropped, null_class, labels[indices])[local].to(device)
+        dropped = torch.rand(len(batch), generator=generator, device=drawn_on) < label_dropout
+        y = torch.where(dropped, null_class, labels[indices].to(drawn_on))[local].to(device)
     x0, t, noise = batch[local], t[local].to(device), noise[local].to(device)
     if channels_last:
         x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
     return x0, t, noise, y
+
+
+class StepTallies:
+    """Each log interval's sums of loss and gradient norm over the steps taken, and the counts of
+    skipped steps, kept as tensors on the training device: adding to them never waits for the
+    GPU, and `read()` (once per log interval) is the only host round-trip."""
+
+    def __init__(self, device: torch.device, skipped: int = 0):
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        self.skipped, self.streak, self.worst_streak = zero + skipped, zero.clone(), zero.clone()
+        self._start_interval()
+
+    def _start_interval(self) -> None:
+        device = self.skipped.device
+        self.loss, self.grad_norm = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, finite: torch.Tensor) -> None:
+        self.loss += torch.where(finite, loss.detach().float(), 0.0)
+        self.grad_norm += torch.where(finite, grad_norm.float(), 0.0)
+        self.count += finite
+        self.skipped += ~finite
+        self.streak = torch.where(finite, 0, self.streak + 1)
+        self.worst_streak = torch.maximum(self.worst_streak, self.streak)
+
+    def read(self) -> dict:
+        """The interval's means (waits for the device), then starts the next interval."""
+        count = max(int(self.count), 1)
+        figures = {"loss": float(self.loss) / count, "grad_norm": float(self.grad_norm) / count,
+                   "skipped": int(self.skipped), "worst_streak": int(self.worst_streak),
+                   "seconds": time.perf_counter() - self.started}
+        self.worst_streak = self.streak.clone()
+        self._start_interval()
+        return figures
+
+
+def check_streak(streak: int, limit: int, step: int) -> None:
+    if streak >= limit:
+        raise TrainingError(f"loss or gradients were not finite for {streak} steps in a row at step {step}; lower the"
+                            " learning rate or use fp32 (last checkpoint kept)")
 
 
 def parameter_groups(model: UNet, config: TrainConfig) -> list[dict]:
@@ -253,7 +314,7 @@ def parameter_groups(model: UNet, config: TrainConfig) -> list[dict]:
         return [{"params": list(model.parameters())}]
     embedding = model.class_embedding.weight
     others = [p for p in model.parameters() if p is not embedding]
-    return [{"params": others}, {"params": [embedding], "lr": config.lr * config.class_lr_scale}]
+    return [{"params": others}, {"params": [embedding], "lr": config.effective_lr * config.class_lr_scale}]
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:
@@ -483,14 +544,16 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, config.ema_decay)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=device.type == "cuda")
+    sync_free = device.type == "cuda" if config.sync_free is None else config.sync_free
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.effective_lr,
+                                  weight_decay=config.weight_decay, fused=device.type == "cuda" or sync_free)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     schedule = NoiseSchedule(diffusion_config)
     loss_fn = DiffusionLoss(schedule, config.min_snr_gamma)
     stream = BatchStream(len(train_indices), config.batch_size, config.seed)
-    generator = torch.Generator().manual_seed(config.seed + 1)  # flips, timesteps and noise
+    # flips, timesteps and noise: on the GPU itself when steps must not wait for the host
+    generator = torch.Generator(device=device if sync_free else "cpu").manual_seed(config.seed + 1)
     checkpoints = Checkpoints(run_dir, config.keep_checkpoints)
     step, train_seconds, skipped_total = 0, 0.0, 0
 
@@ -502,6 +565,10 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        drawn_on = state.get("generator_device", "cpu")
+        if drawn_on != generator.device.type:
+            raise TrainingError(f"{latest}: this run drew its noise on the {drawn_on} and would not continue exactly"
+                                f" here; resume with {'--no-sync-free' if drawn_on == 'cpu' else '--sync-free on a GPU'}")
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
@@ -545,8 +612,9 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                 "epoch": stream.epoch, "position": stream.position, "step": step, "train_seconds": train_seconds,
-                 "skipped_steps": skipped_total, "images_seen": step * config.batch_size, "reason": reason}
+                 "generator_device": generator.device.type, "epoch": stream.epoch, "position": stream.position,
+                 "step": step, "train_seconds": train_seconds, "skipped_steps": int(tallies.skipped),
+                 "images_seen": step * config.batch_size, "reason": reason}
         return checkpoints.save(step, {"model": model, "ema": ema.model}, state)
 
     def preview() -> None:
@@ -563,8 +631,8 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
     local = slice(world.rank * local_batch, (world.rank + 1) * local_batch)
     bar = tqdm(total=config.steps, initial=step, desc="Training", unit="step", disable=not (world.is_main and config.progress),
                dynamic_ncols=True)
-    interval = {"loss": 0.0, "grad_norm": 0.0, "count": 0, "start": time.perf_counter()}
-    consecutive_bad, last_saved = 0, step
+    tallies = StepTallies(device, skipped_total)
+    last_saved = step
     model.train()
     try:
         while step < config.steps and not stop_signal:
@@ -581,38 +649,36 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
                 flag = finite.float().to(device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN)
                 finite = flag.bool()
-            if not bool(finite):
+            if not sync_free and not bool(finite):  # the host decides: the step is not taken at all
                 optimizer.zero_grad(set_to_none=True)
                 scaler.update()
-                skipped_total += 1
-                consecutive_bad += 1
-                if consecutive_bad >= config.max_nonfinite:
-                    raise TrainingError(f"loss or gradients were not finite for {consecutive_bad} steps in a row at"
-                                        f" step {step}; lower the learning rate or use fp32 (last checkpoint kept)")
+                tallies.add(loss, grad_norm, finite)
+                check_streak(int(tallies.streak), config.max_nonfinite, step)
                 continue
-            consecutive_bad = 0
+            if sync_free:  # the fused AdamW leaves weights, moments and its step count as they were where this is 1
+                optimizer.found_inf = (~finite).float()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            ema.update(model, step)
+            ema.update(model, step, finite if sync_free else None)
+            tallies.add(loss, grad_norm, finite)
             step += 1
-            train_seconds += time.perf_counter() - started
-            interval["loss"] += loss.item()
-            interval["grad_norm"] += grad_norm.item()
-            interval["count"] += 1
             bar.update(1)
 
-            if world.is_main and step % config.log_every == 0:
-                elapsed = time.perf_counter() - interval["start"]
-                record = {"step": step, "loss": interval["loss"] / interval["count"], "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": interval["grad_norm"] / interval["count"],
-                          "images_per_s": interval["count"] * config.batch_size / elapsed,
-                          "images_seen": step * config.batch_size, "epoch": stream.epoch,
-                          "skipped_steps": skipped_total, "memory_mb": peak_memory_mb(device), "time": time.time()}
-                log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
-                interval = {"loss": 0.0, "grad_norm": 0.0, "count": 0, "start": time.perf_counter()}
+            if step % config.log_every == 0:  # the only point where a sync-free run waits for the GPU
+                figures = tallies.read()
+                check_streak(figures["worst_streak"], config.max_nonfinite, step)
+                if world.is_main:
+                    record = {"step": step, "loss": figures["loss"], "lr": scheduler.get_last_lr()[0],
+                              "grad_norm": figures["grad_norm"],
+                              "images_per_s": config.log_every * config.batch_size / figures["seconds"],
+                              "images_seen": step * config.batch_size, "epoch": stream.epoch,
+                              "skipped_steps": figures["skipped"], "memory_mb": peak_memory_mb(device),
+                              "time": time.time()}
+                    log.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+            train_seconds += time.perf_counter() - started
             if world.is_main and step % config.sample_every == 0:
                 preview()
             if step % config.checkpoint_every == 0:

@@ -246,3 +246,81 @@ def test_wandb_offline_logging(tiny_cub, tmp_path, monkeypatch):
     train(config(tiny_cub, steps=4, log="wandb"), tmp_path / "run")
     offline_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))
+
+
+def test_sync_free_resume_is_exact(tiny_cub, tmp_path):
+    train(config(tiny_cub, steps=6, sync_free=True), tmp_path / "straight")
+    train(config(tiny_cub, steps=3, sync_free=True), tmp_path / "halves")
+    train(config(tiny_cub, steps=6, sync_free=True), tmp_path / "halves", resume=True)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = weights(tmp_path / "straight" / "checkpoints" / "step-0000006" / name)
+        b = weights(tmp_path / "halves" / "checkpoints" / "step-0000006" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_sync_free_steps_read_nothing_back_between_log_intervals(tiny_cub, tmp_path, monkeypatch):
+    """On a GPU every host read of a tensor's value waits for the queue to drain; a sync-free
+    step must make none, so they happen only at log intervals and checkpoints."""
+    import birdgen.training_loop as loop
+
+    reads = []
+    real_loop_read = loop.StepTallies.read
+    for name in ("item", "__bool__", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, _name=name):
+            reads.append(_name)
+            return _real(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    marks = []
+    monkeypatch.setattr(loop.StepTallies, "read", lambda self: (marks.append(len(reads)), real_loop_read(self))[1])
+    steps = 12
+    train(config(tiny_cub, steps=steps, sync_free=True, log_every=6, checkpoint_every=100, sample_every=100),
+          tmp_path / "run")
+    assert len(marks) == 2
+    assert marks[0] == 0 and marks[1] == marks[0] + 5  # 5 reads per interval, all inside `read`, none per step
+
+    reads.clear()
+    train(config(tiny_cub, steps=steps, sync_free=False, log_every=6, checkpoint_every=100, sample_every=100),
+          tmp_path / "synced")
+    assert reads.count("__bool__") >= steps  # the per-step path asks the host about every step
+
+
+def test_sync_free_skips_a_non_finite_step_on_the_device(tiny_cub, tmp_path, monkeypatch):
+    """A skipped step leaves weights, EMA and AdamW's moments exactly as they were, with no host check."""
+    import birdgen.training_loop as loop
+
+    real_call = loop.DiffusionLoss.__call__
+    calls = {"n": 0}
+
+    def nan_on_third(self, *args):
+        calls["n"] += 1
+        loss = real_call(self, *args)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(loop.DiffusionLoss, "__call__", nan_on_third)
+    run = tmp_path / "run"
+    train(config(tiny_cub, steps=2, sync_free=True, checkpoint_every=1, keep_checkpoints=5), run)
+    train(config(tiny_cub, steps=3, sync_free=True, checkpoint_every=1, keep_checkpoints=5), run, resume=True)
+    before, after = (run / "checkpoints" / "step-0000002", run / "checkpoints" / "step-0000003")
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = weights(before / name), weights(after / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    state_before = torch.load(before / "state.pt", weights_only=True)["optimizer"]["state"]
+    state_after = torch.load(after / "state.pt", weights_only=True)
+    assert state_after["skipped_steps"] == 1
+    for key, moments in state_before.items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(moments[name], state_after["optimizer"]["state"][key][name]), name
+
+    monkeypatch.setattr(loop.DiffusionLoss, "__call__", lambda self, *a: real_call(self, *a) * float("nan"))
+    with pytest.raises(TrainingError, match="not finite for 4 steps in a row"):  # found at the log interval
+        train(config(tiny_cub, steps=9, sync_free=True, max_nonfinite=3, log_every=4), tmp_path / "bad")
+
+
+def test_learning_rate_square_root_rule():
+    assert TrainConfig(lr=1e-4).effective_lr == 1e-4
+    assert TrainConfig(lr=1e-4, batch_size=128, lr_reference_batch=32).effective_lr == pytest.approx(2e-4)
+    with pytest.raises(TrainingError, match="lr_reference_batch must not be negative"):
+        TrainConfig(lr_reference_batch=-1).validate()

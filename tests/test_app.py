@@ -50,6 +50,8 @@ def test_generate_page(models):
     assert at.title[0].value.startswith("🐦 birdgen")
     assert {s.label for s in at.selectbox} >= {"Model", "Sampler"}
     assert at.selectbox(key="model").value == "small-attn"
+    assert at.selectbox(key="gen_sampler").value == "dpmpp" and at.slider(key="gen_steps_dpmpp").value == 10
+    at.selectbox(key="gen_sampler").set_value("ddim").run()
     at.slider(key="gen_steps_ddim").set_value(3)
     at.number_input(key="gen_count").set_value(4)
     at.button(key="generate").click().run()
@@ -299,3 +301,44 @@ def test_explore_page_moves_between_species_for_a_species_model(models):
     at.number_input(key="vary_count").set_value(1).run()
     at.button(key="vary_run").click().run()
     assert not at.exception and len(at.get("download_button")) == 3
+
+
+@pytest.fixture
+def with_student(models):
+    model = build_model(preset("small", channels=(8, 16)), DiffusionConfig(num_steps=100))
+    save_model(models / "student", model.network, model.network_config, model.diffusion_config,
+               sampling={"sampler": "ddim", "steps": 2}, distillation={"teacher": "models/small-attn"})
+    return models
+
+
+def test_a_student_samples_with_its_own_fixed_steps(with_student):
+    at = app(PAGES / "generate.py")
+    at.selectbox(key="model").set_value("student").run()
+    assert not any(s.label == "Sampler" for s in at.selectbox) and not at.slider
+    assert "distilled to sample in **2 DDIM steps**" in at.info[0].value
+    at.button(key="generate").click().run()
+    assert not at.exception
+    assert "student · ddim · 2 steps" in at.get("image")[0].proto.imgs[0].caption
+
+    at = app(PAGES / "compare.py")
+    at.selectbox(key="left").set_value("student").run()
+    assert "student (2 ddim steps) is a distilled student" in at.info[0].value
+    at.number_input(key="cmp_count").set_value(2)
+    at.button(key="compare").click().run()
+    assert not at.exception and len(at.get("image")) == 2
+
+    at = app(PAGES / "denoising.py")
+    at.selectbox(key="model").set_value("student").run()
+    at.button(key="run_chain").click().run()
+    assert not at.exception
+    assert at.slider(key="chain_step").max == 2
+
+
+def test_explore_uses_a_students_steps_and_refuses_inpainting(with_student):
+    at = app(PAGES / "explore.py")
+    at.selectbox(key="explore_model").set_value("student").run()
+    assert not at.exception
+    assert any("RePaint needs the many ancestral steps" in i.value for i in at.info)
+    assert [m.value for m in at.metric] == ["2", "2"]
+    at.button(key="lerp_run").click().run()
+    assert not at.exception and "lerp" in at.session_state

@@ -1,6 +1,10 @@
-"""App latency: seconds from pressing Generate to 4 birds on screen (DDIM, 10 steps, the
-shipped `small` model) in a real browser, against the same generation called in-process
-(the peer: what the UI adds on top of the model). Run: python benchmarks/app_latency.py"""
+"""App latency: seconds from pressing Generate to 8 birds on screen in a real browser, for a
+distilled student (its own few DDIM steps) against its teacher with DDIM 25 (the app's old
+default) and DPM-Solver++ 10 (today's default), each also called in-process (what the UI adds
+on top of the model). Settings take turns, so a change of machine load hits them alike.
+
+    python benchmarks/app_latency.py --student small-attn-4step --teacher small-attn
+"""
 
 from __future__ import annotations
 
@@ -12,35 +16,51 @@ from common import REPO, machine, save
 
 sys.path.insert(0, str(REPO / "tests"))
 
-from browser_support import chromium, generate_four_birds, streamlit_app  # noqa: E402
+from browser_support import chromium, generate_birds, streamlit_app  # noqa: E402
 
 from birdgen.checkpoint import load_model  # noqa: E402
 from birdgen.pipeline import GenerationRequest, generate  # noqa: E402
+from birdgen.ui import SAMPLER_LABELS  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="small")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student", default="small-attn-4step")
+    parser.add_argument("--teacher", default="small-attn")
+    parser.add_argument("--count", type=int, default=8)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    model = load_model(REPO / "models" / args.model)
-    request = GenerationRequest("ddim", 10, 4, 0)
-    generate(model, request)  # warm-up
+    student = load_model(REPO / "models" / args.student)
+    teacher = load_model(REPO / "models" / args.teacher)
+    setups = {  # name: (model, sampler, steps, fixed)
+        f"{args.student} (DDIM {student.sampling['steps']}, its own)": (student, "ddim", student.sampling["steps"], True),
+        f"{args.teacher} DDIM 25": (teacher, "ddim", 25, False),
+        f"{args.teacher} DPM-Solver++ 10": (teacher, "dpmpp", 10, False),
+    }
     description = machine()
-    browser_s, direct_s = [], []
+    browser_s = {name: [] for name in setups}
+    direct_s = {name: [] for name in setups}
     with streamlit_app() as url, chromium() as browser:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url, wait_until="networkidle")
-        page.get_by_label("Model").click()
-        page.get_by_role("option", name=args.model, exact=True).click()
-        generate_four_birds(page, seed=0)  # warm-up: loads the model into the app's cache
-        for run in range(1, args.runs + 1):
-            browser_s.append(generate_four_birds(page, seed=run))
-            direct_s.append(generate(model, request).seconds)
-    record = {"machine": description, "model": args.model, "request": "DDIM 10 steps, 4 images",
-              "browser_seconds_median": statistics.median(browser_s), "browser_seconds": browser_s,
-              "in_process_seconds_median": statistics.median(direct_s),
-              "ratio_browser_vs_in_process": statistics.median(browser_s) / statistics.median(direct_s)}
+        for run in range(args.runs + 1):  # run 0 warms up: loads each model into the app's cache
+            for name, (model, sampler, steps, fixed) in setups.items():
+                page.goto(url, wait_until="networkidle")
+                page.get_by_label("Model").click()
+                page.get_by_role("option", name=model.name, exact=True).click()
+                shown = page.get_by_text("is distilled to sample in") if fixed else page.get_by_label("Sampler")
+                shown.first.wait_for(timeout=60_000)  # the page has rerun for this model
+                seconds = generate_birds(page, steps, seed=run, count=args.count,
+                                         sampler=None if fixed else SAMPLER_LABELS[sampler], fixed=fixed)
+                request = GenerationRequest(None if fixed else sampler, None if fixed else steps, args.count, run)
+                direct = generate(model, request).seconds
+                if run:
+                    browser_s[name].append(seconds)
+                    direct_s[name].append(direct)
+    record = {"machine": description, "images": args.count, "runs": args.runs,
+              "browser_seconds_median": {name: statistics.median(v) for name, v in browser_s.items()},
+              "in_process_seconds_median": {name: statistics.median(v) for name, v in direct_s.items()},
+              "browser_seconds": browser_s, "in_process_seconds": direct_s}
     save("app_latency", record)
 
 

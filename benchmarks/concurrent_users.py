@@ -15,7 +15,7 @@ from common import REPO, machine, save
 
 sys.path.insert(0, str(REPO / "tests"))
 
-from browser_support import chromium, generate_four_birds, streamlit_app  # noqa: E402
+from browser_support import chromium, generate_birds, streamlit_app  # noqa: E402
 
 STEPS, SEED = 10, 0
 
@@ -31,6 +31,8 @@ def prepare(page, url: str, model: str) -> None:
     page.get_by_text("birdgen — generate birds").wait_for(timeout=60_000)
     page.get_by_label("Model").click()
     page.get_by_role("option", name=model, exact=True).click()
+    page.get_by_label("Sampler").click()
+    page.get_by_role("option", name="DDIM", exact=True).click()
     page.get_by_role("slider").first.focus()
     page.keyboard.press("Home")
     for _ in range(STEPS - 1):
@@ -51,9 +53,9 @@ def main() -> None:
     with streamlit_app() as url, chromium() as browser:
         single = browser.new_context().new_page()
         prepare(single, url, args.model)
-        generate_four_birds(single, steps=STEPS, seed=SEED)  # warm-up, loads the model
-        solo_s = generate_four_birds(single, steps=STEPS, seed=SEED + 1)
-        generate_four_birds(single, steps=STEPS, seed=SEED)
+        generate_birds(single, steps=STEPS, seed=SEED, sampler="DDIM")  # warm-up, loads the model
+        solo_s = generate_birds(single, steps=STEPS, seed=SEED + 1, sampler="DDIM")
+        generate_birds(single, steps=STEPS, seed=SEED, sampler="DDIM")
         reference = grid_bytes(single)
         pages = [browser.new_context().new_page() for _ in range(args.users)]
         for page in pages:

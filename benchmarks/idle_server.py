@@ -20,7 +20,7 @@ from common import REPO, machine, save
 
 sys.path.insert(0, str(REPO / "tests"))
 
-from browser_support import chromium, generate_four_birds, streamlit_app  # noqa: E402
+from browser_support import chromium, generate_birds, streamlit_app  # noqa: E402
 
 SETTINGS = {"project config (no file watcher)": (),
             "Streamlit default (file watcher on)": ("--server.fileWatcherType", "auto")}
@@ -42,8 +42,8 @@ def measure(extra_args, idle_s: float, runs: int, model: str) -> dict:
         before, started = cpu_ticks(process.pid), time.perf_counter()
         time.sleep(idle_s)
         ticks, seconds = cpu_ticks(process.pid) - before, time.perf_counter() - started
-        generate_four_birds(page, seed=0)  # warm-up
-        latencies = [generate_four_birds(page, seed=run) for run in range(1, runs + 1)]
+        generate_birds(page, seed=0, sampler="DDIM")  # warm-up
+        latencies = [generate_birds(page, seed=run, sampler="DDIM") for run in range(1, runs + 1)]
     hz = os.sysconf("SC_CLK_TCK")
     return {"idle_ticks": ticks, "idle_seconds": round(seconds, 1),
             "idle_core_percent": round(100 * ticks / hz / seconds, 1),

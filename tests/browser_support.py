@@ -70,16 +70,27 @@ def chromium():
             browser.close()
 
 
-def generate_four_birds(page, steps: int = 10, seed: int = 0) -> float:
-    """On the Generate page: DDIM at `steps` steps, 4 images, `seed`, press Generate; returns
-    the seconds until that grid is on screen (a new seed tells it apart from an earlier grid)."""
+def generate_birds(page, steps: int = 10, seed: int = 0, count: int = 4, sampler: str | None = None,
+                   fixed: bool = False) -> float:
+    """On the Generate page: pick `sampler` (its label, e.g. "DDIM"; None keeps the default
+    DPM-Solver++), set `steps` (unless the model's steps are `fixed`, as a distilled student's are),
+    `count` images and `seed`, press Generate; returns the seconds until that grid is on screen
+    (a new seed tells it apart from an earlier grid)."""
+    from birdgen.ui import SAMPLER_LABELS, STEP_RANGES
+
     page.get_by_text("birdgen — generate birds").wait_for(timeout=60_000)
-    page.get_by_role("slider").first.focus()  # DDIM's steps slider, which starts at 1
-    page.keyboard.press("Home")
-    for _ in range(steps - 1):
-        page.keyboard.press("ArrowRight")
-    page.get_by_text(str(steps), exact=True).first.wait_for(timeout=10_000)
-    for label, value in (("Images", 4), ("Seed", seed)):
+    name = next(key for key, label in SAMPLER_LABELS.items() if label == (sampler or SAMPLER_LABELS["dpmpp"]))
+    if sampler is not None:
+        page.get_by_label("Sampler").click()
+        page.get_by_role("option", name=sampler, exact=True).click()
+        page.get_by_text(str(STEP_RANGES[name][2]), exact=True).first.wait_for(timeout=10_000)  # its slider is up
+    if not fixed:
+        page.get_by_role("slider").first.focus()  # the steps slider, which starts at its range's low end
+        page.keyboard.press("Home")
+        for _ in range(steps - STEP_RANGES[name][0]):
+            page.keyboard.press("ArrowRight")
+        page.get_by_text(str(steps), exact=True).first.wait_for(timeout=10_000)
+    for label, value in (("Images", count), ("Seed", seed)):
         field = page.get_by_role("spinbutton", name=label)
         field.fill(str(value))
         field.press("Enter")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from browser_support import REPO, chromium, chromium_path, generate_four_birds, streamlit_app
+from browser_support import REPO, chromium, chromium_path, generate_birds, streamlit_app
 
 pytestmark = pytest.mark.browser
 ARTIFACTS = REPO / "test-artifacts"
@@ -54,7 +54,7 @@ def test_generate_birds_in_the_browser(browser_and_url):
     browser, url = browser_and_url
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(url, wait_until="networkidle")
-    seconds = generate_four_birds(page, steps=10)
+    seconds = generate_birds(page, steps=10, sampler="DDIM")
     assert page.get_by_text("ddim · 10 steps").count() == 1  # the slider change reached the run
     bird = page.locator("[data-testid='stImage'] img").first
     assert bird.evaluate("img => img.naturalWidth") > 64

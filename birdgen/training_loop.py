@@ -37,7 +37,7 @@ PREVIEW_GUIDANCE = 3.0  # species models' previews: one species per image, guide
 # Settings that may change when a run is resumed; any other difference means another run.
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_threads",
                      "log", "progress", "compile", "max_nonfinite", "device", "precision", "channels_last",
-                     "sync_free"}
+                     "sync_free", "max_minutes"}
 
 
 class TrainingError(RuntimeError):
@@ -97,6 +97,7 @@ class TrainConfig:
     log: str = "none"  # "none", "tensorboard" or "wandb"
     progress: bool = True
     max_nonfinite: int = 20  # consecutive skipped steps before training gives up
+    max_minutes: float = 0.0  # >0: stop (with a checkpoint, resumable) after this much wall time of this process
 
     def validate(self) -> None:
         positive = ("batch_size", "steps", "checkpoint_every", "keep_checkpoints", "sample_every",
@@ -106,7 +107,7 @@ class TrainConfig:
                 raise TrainingError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if not self.lr > 0:
             raise TrainingError(f"learning rate must be positive (got {self.lr})")
-        for name in ("weight_decay", "warmup_steps", "grad_clip", "num_threads", "lr_reference_batch"):
+        for name in ("weight_decay", "warmup_steps", "grad_clip", "num_threads", "lr_reference_batch", "max_minutes"):
             if getattr(self, name) < 0:
                 raise TrainingError(f"{name} must not be negative (got {getattr(self, name)})")
         if not 0 <= self.ema_decay < 1:
@@ -297,6 +298,16 @@ class StepTallies:
         self.worst_streak = self.streak.clone()
         self._start_interval()
         return figures
+
+
+def past(deadline: float, world: "Distributed", device: torch.device) -> bool:
+    """Whether the wall-clock deadline has passed, agreed by all processes (so they stop at the same step)."""
+    over = time.perf_counter() > deadline
+    if world.world_size > 1:
+        flag = torch.tensor(float(over), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        over = bool(flag)
+    return over
 
 
 def check_streak(streak: int, limit: int, step: int) -> None:
@@ -633,6 +644,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
                dynamic_ncols=True)
     tallies = StepTallies(device, skipped_total)
     last_saved = step
+    deadline = time.perf_counter() + 60 * config.max_minutes if config.max_minutes else math.inf
     model.train()
     try:
         while step < config.steps and not stop_signal:
@@ -678,6 +690,8 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
                               "time": time.time()}
                     log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                if past(deadline, world, device):  # a fixed window of machine time: stop as a signal would
+                    stop_signal.append("time")
             train_seconds += time.perf_counter() - started
             if world.is_main and step % config.sample_every == 0:
                 preview()
@@ -688,7 +702,8 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
         if world.is_main and step != last_saved:
             save("signal" if stop_signal else "end")
         if world.is_main and stop_signal:
-            bar.write(f"Stopped by signal at step {step}; resume with --resume")
+            why = f"after {config.max_minutes:g} min" if "time" in stop_signal else "by signal"
+            bar.write(f"Stopped {why} at step {step}; resume with --resume")
     finally:
         bar.close()
         if log is not None:

@@ -324,3 +324,12 @@ def test_learning_rate_square_root_rule():
     assert TrainConfig(lr=1e-4, batch_size=128, lr_reference_batch=32).effective_lr == pytest.approx(2e-4)
     with pytest.raises(TrainingError, match="lr_reference_batch must not be negative"):
         TrainConfig(lr_reference_batch=-1).validate()
+
+
+def test_max_minutes_stops_with_a_resumable_checkpoint(tiny_cub, tmp_path):
+    run = tmp_path / "run"
+    latest = train(config(tiny_cub, steps=1000, max_minutes=1e-9, log_every=2), run)
+    state = torch.load(latest / "state.pt", weights_only=True)
+    assert state["step"] == 2 and state["reason"] == "signal"  # checked at log intervals: the first is step 2
+    latest = train(config(tiny_cub, steps=4), run, resume=True)
+    assert torch.load(latest / "state.pt", weights_only=True)["step"] == 4

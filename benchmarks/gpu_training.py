@@ -25,11 +25,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from common import REAL_CUB, REPO, machine, save
-from birdgen.data import load_crops, random_flip, to_model_range
-from birdgen.diffusion import DiffusionConfig, DiffusionLoss, NoiseSchedule
+from train_throughput import diffusers_step_fn
+from birdgen.data import load_crops
 from birdgen.networks import UNet, parameter_count, preset
 from birdgen.training_loop import TrainConfig, read_metrics, train
 
@@ -96,34 +95,12 @@ def birdgen_speed(preset_name: str, batch: int, steps: int, log_every: int, crop
 
 
 def diffusers_speed(unet, images: torch.Tensor, batch: int, steps: int, device) -> float:
-    """The loop body of diffusers' train_unconditional.py with bf16 autocast, on `device`."""
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_cosine_schedule_with_warmup
-    from diffusers.training_utils import EMAModel
-
-    unet = unet.to(device).train()
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=3e-4)
-    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, 500, 100_000)
-    ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True)
-    images = images.to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """The diffusers example's loop (train_throughput.py's peer) with bf16 autocast, on `device`."""
+    step = diffusers_step_fn(unet, images, batch, device, bf16=device.type == "cuda")
     times = []
-    for index in range(steps):
+    for _ in range(steps):
         started = time.perf_counter()
-        picked = torch.randint(0, len(images), (batch,), device=device)
-        clean = random_flip(to_model_range(images[picked]), torch.Generator(device).manual_seed(index))
-        noise = torch.randn(clean.shape, device=device)
-        timesteps = torch.randint(0, 1000, (batch,), device=device)
-        with autocast:
-            loss = F.mse_loss(unet(scheduler.add_noise(clean, noise, timesteps), timesteps).sample.float(), noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad()
-        ema.step(unet.parameters())
-        loss.item()  # as the example logs every step
+        step()
         times.append(time.perf_counter() - started)
     return batch / statistics.median(times[len(times) // 4:])
 
@@ -170,7 +147,6 @@ def main() -> None:
     crops = load_crops(REAL_CUB, 64, progress=False)
     images = torch.from_numpy(crops.images)
     peak = bf16_peak(device)
-    schedule = NoiseSchedule(DiffusionConfig(prediction="v"))
     rows, sweep = [], []
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)

@@ -69,34 +69,38 @@ def birdgen_step_fn(network, images, schedule):
     return step
 
 
-def diffusers_step_fn(unet, images):
-    """The loop body of diffusers' train_unconditional.py, minus Accelerate."""
+def diffusers_step_fn(unet, images, batch: int = BATCH, device="cpu", bf16: bool = False):
+    """The loop body of diffusers' train_unconditional.py, minus Accelerate (whose bf16 mixed
+    precision is autocast, as `bf16` gives it), with the example's per-step loss read."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
-    unet.train()
+    unet = unet.to(device).train()
+    images = images.to(device)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     optimizer = torch.optim.AdamW(unet.parameters(), lr=3e-4)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, 500, 100_000)
     ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True)
-    order = torch.randperm(len(images))
+    order = torch.randperm(len(images), device=device)
     state = {"position": 0}
 
     def step():
-        index = order[state["position"]:state["position"] + BATCH]
-        state["position"] = (state["position"] + BATCH) % (len(images) - BATCH)
-        clean = random_flip(to_model_range(images[index]), torch.Generator().manual_seed(state["position"]))
-        noise = torch.randn(clean.shape)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (BATCH,))
+        index = order[state["position"]:state["position"] + batch]
+        state["position"] = (state["position"] + batch) % (len(images) - batch)
+        clean = random_flip(to_model_range(images[index]), torch.Generator(device).manual_seed(state["position"]))
+        noise = torch.randn(clean.shape, device=device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device)
         noisy = scheduler.add_noise(clean, noise, timesteps)
-        loss = F.mse_loss(unet(noisy, timesteps).sample, noise)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.mse_loss(unet(noisy, timesteps).sample.float(), noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad()
         ema.step(unet.parameters())
+        return loss.item()
 
     return step
 

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,9 +28,9 @@ from .data import load_crops, recover_split
 from .diffusion import DiffusionConfig, NoiseSchedule
 from .networks import UNet, UNetConfig, parameter_count
 from .samplers import DDIMSampler, Denoiser, initial_noise, run_to_end
-from .training_loop import (BatchStream, Checkpoints, MetricsLog, StopRequests, TrainingError, draw_batch,
-                            peak_memory_mb, prepare_run_dir, resolve_device, resolve_precision)
-from .utils import check_field_types, machine_description, save_grid
+from .training_loop import (BatchStream, Checkpoints, MetricsLog, StopRequests, TrainingError, config_from_dict,
+                            draw_batch, peak_memory_mb, prepare_run_dir, resolve_device, resolve_precision)
+from .utils import machine_description, save_grid
 
 METHOD = "progressive distillation (Salimans & Ho 2022)"
 RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_threads", "progress",
@@ -92,14 +92,7 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "DistillConfig":
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise TrainingError(f"{source}: unknown setting(s) {', '.join(unknown)}")
-        try:
-            check_field_types(cls, values)
-        except ValueError as error:
-            raise TrainingError(f"{source}: {error}") from None
-        return cls(**values)
+        return config_from_dict(cls, values, source)
 
 
 class ProgressiveDistillationLoss:

@@ -156,15 +156,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise TrainingError(f"{source}: unknown setting(s) {', '.join(unknown)}")
-        try:
-            check_field_types(cls, values)
-        except ValueError as error:
-            raise TrainingError(f"{source}: {error}") from None
-        return cls(**values)
+        return config_from_dict(cls, values, source)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "TrainConfig":
@@ -186,6 +178,19 @@ class TrainConfig:
         if not isinstance(values, dict):
             raise TrainingError(f"{path}: config must be a mapping of settings")
         return cls.from_dict(values, str(path))
+
+
+def config_from_dict(cls, values: dict, source: str):
+    """A config dataclass from a mapping, with one-line errors naming `source` for unknown
+    settings and values of the wrong type."""
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise TrainingError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+    try:
+        check_field_types(cls, values)
+    except ValueError as error:
+        raise TrainingError(f"{source}: {error}") from None
+    return cls(**values)
 
 
 class EMA:

@@ -21,11 +21,12 @@ import warnings
 import numpy as np
 import torch
 
-from common import REAL_CUB, REPO, machine
+from common import REAL_CUB, REPO, alternate, machine
 from birdgen.checkpoint import load_model
 from birdgen.data import load_crops, recover_split
 from birdgen.evaluation import EvalSettings, extract_features, generate_uint8, kid_and_fid, precision_recall, real_features
 from birdgen.features import choose_feature_space, load_extractor
+from birdgen.pipeline import GenerationRequest, generate
 
 RESULTS = REPO / "benchmarks" / "results" / "steps_and_quality.json"
 PLOT = REPO / "benchmarks" / "results" / "steps_and_quality.png"
@@ -92,6 +93,8 @@ def main() -> None:
     parser.add_argument("--features", default="mobilenet", choices=("auto", "inception", "mobilenet"))
     parser.add_argument("--skip-teacher", action="store_true", help="only the students")
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--speed", action="store_true",
+                        help="also time 64 images from each student against the teacher's DDIM 50, in turns")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if args.plot_only:
@@ -127,8 +130,26 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         results["rows"].append(row)
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    if args.speed:
+        results["speed"] = speed(teacher, [load_model(REPO / folder) for folder in args.students])
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        print(json.dumps(results["speed"], indent=1))
     plot(results)
     print(table(results))
+
+
+def speed(teacher, students: list, images: int = 64, rounds: int = 3) -> dict:
+    """Sampling images/s of each student and of the teacher's DDIM 50 on the same batch of
+    noise, alternated (A, B, A, B, …) so that machine load hits them alike."""
+    contenders = {f"{teacher.name} DDIM 50": lambda: generate(teacher, GenerationRequest("ddim", 50, images, 0))}
+    for student in students:
+        contenders[f"{student.name} DDIM {student.sampling['steps']}"] = \
+            lambda student=student: generate(student, GenerationRequest(num_images=images, seed=0))
+    measured = alternate(contenders, rounds, images)
+    base = measured[f"{teacher.name} DDIM 50"]
+    return {"machine": machine(), "images_per_call": images, "rounds": rounds,
+            "images_per_s": {k: round(v, 2) for k, v in measured.items()},
+            "ratio_vs_teacher_ddim50": {k: round(v / base, 2) for k, v in measured.items()}}
 
 
 if __name__ == "__main__":

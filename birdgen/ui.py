@@ -276,6 +276,9 @@ def _generated_picture(_model: BirdModel, seed: int, model_path: str):
 
 def describe(model: BirdModel) -> str:
     trained = f" · trained on {model.training['images_seen']:,} images" if model.training else ""
+    if model.distillation:
+        trained += (f" · distilled from {model.distillation.get('teacher', '?')} on"
+                    f" {model.distillation.get('images_seen', 0):,} more")
     return f"{model.parameter_count:,} parameters{trained} · {machine_description(model.device)}"
 
 

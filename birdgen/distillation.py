@@ -249,6 +249,7 @@ def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False,
         atomic_write_text(run_dir / "run.json", json.dumps({
             "kind": "distillation", "machine": machine_description(device), "parameters": parameter_count(student),
             "teacher": str(config.teacher), "teacher_training": teacher_model.training, "data": teacher_model.data,
+            "teacher_distillation": teacher_model.distillation,
             "train_images": len(train_indices),
             **config_dict(teacher_model.network_config, teacher_model.diffusion_config)}, indent=2) + "\n")
     print(f"Distilling {config.teacher} ({parameter_count(student):,} parameters): DDIM {config.teacher_steps} ->"
@@ -378,6 +379,12 @@ def export_student(run_dir: str | os.PathLike, out: str | os.PathLike, steps: in
                     "rounds": round_index + 1, "round_steps": config.round_steps, "batch_size": config.batch_size,
                     "lr": config.lr, "images_seen": done_steps * config.batch_size, "machine": run.get("machine"),
                     "run_hours": round(seconds / 3600, 2)}
+    earlier = run.get("teacher_distillation")
+    if earlier:  # the teacher was a student: name the model at the root of the chain, keep the earlier stage
+        distillation = {**distillation, "teacher": earlier["teacher"], "distilled_teacher": run["teacher"],
+                        "images_seen_total": distillation["images_seen"] + earlier.get("images_seen_total",
+                                                                                        earlier["images_seen"]),
+                        "earlier": earlier}
     return save_model(out, student, network_config, diffusion_config, half=half,
                       training=run.get("teacher_training"), data=run.get("data"),
                       sampling={"sampler": "ddim", "steps": steps}, distillation=distillation)

@@ -201,6 +201,18 @@ def update_card_quality(folder: Path) -> None:
     atomic_write_text(path, card)
 
 
+def earlier_rows(record: dict) -> str:
+    """Card rows for the stages before this one when a student was distilled from a student."""
+    rows, earlier = [], record.get("earlier")
+    while earlier:
+        rows.append(f"| earlier stage | `{earlier['teacher']}` at DDIM {earlier['teacher_steps']} steps, {earlier['rounds']}"
+                    f" round(s) of {earlier['round_steps']:,} steps of batch {earlier['batch_size']}"
+                    f" ({earlier['images_seen']:,} images); this stage's teacher is its student"
+                    f" `{record.get('distilled_teacher', '?')}` |")
+        record, earlier = earlier, earlier.get("earlier")
+    return "".join(row + "\n" for row in reversed(rows))
+
+
 def export_student_with_card(run_dir: str | os.PathLike, out: str | os.PathLike, steps: int | None = None,
                              half: bool = True) -> Path:
     """`birdgen export` for a distillation run: the student folder, a grid at its own steps, the
@@ -234,11 +246,11 @@ has not learned them).
 | | |
 |---|---|
 | method | {d['method']}: each round halves the DDIM steps; the student learns to land in one step where its teacher lands in two (truncated-SNR-weighted x₀ loss, teacher steps clipped to [-1, 1] like the app's sampler) |
-| teacher | `{d['teacher']}` at DDIM {d['teacher_steps']} steps, {student.parameter_count:,} parameters, same network |
+| teacher | `{d.get('distilled_teacher', d['teacher'])}` at DDIM {d['teacher_steps']} steps, {student.parameter_count:,} parameters, same network |
 | rounds | {d['rounds']} ({' → '.join(str(d['teacher_steps'] >> r) for r in range(d['rounds'] + 1))} steps), {d['round_steps']:,} steps of batch {d['batch_size']} each, AdamW lr {d['lr']:g} decayed linearly to 0 per round |
 | distillation | {d['images_seen']:,} images seen on {d.get('machine') or 'unknown hardware'} (the whole run: {d['run_hours']:.2f} h) |
 | data | the teacher's own training crops (its split record is copied into `config.json`) |
-
+{earlier_rows(d)}
 Distillation command:
 
 ```

@@ -186,3 +186,17 @@ def test_cli_distill_export_and_sample(tiny_cub, tmp_path, capsys):
     assert "2 ddim steps" in capsys.readouterr().out
     assert main(["sample", "--model", str(out), "--steps", "50", "--num", "2", "--out", str(tmp_path / "s.png")]) == 2
     assert "distilled for 2 ddim steps only" in capsys.readouterr().err
+
+
+def test_a_student_of_a_student_names_the_root_teacher(tiny_cub, tmp_path):
+    from birdgen.modelcard import export_student_with_card
+
+    teacher = make_teacher(tmp_path / "teacher", tiny_cub)
+    distill(settings(teacher, tiny_cub, teacher_steps=8, steps_target=4, round_steps=2), tmp_path / "first")
+    middle = export_student(tmp_path / "first", tmp_path / "student4")
+    distill(settings(middle, tiny_cub, teacher_steps=4, steps_target=2, round_steps=2), tmp_path / "second")
+    final = load_model(export_student_with_card(tmp_path / "second", tmp_path / "student2"))
+    record = final.distillation
+    assert record["teacher"] == str(teacher) and record["distilled_teacher"] == str(middle)
+    assert record["earlier"]["teacher_steps"] == 8 and record["images_seen_total"] == 2 * 2 * 4
+    assert "| earlier stage |" in (tmp_path / "student2" / "README.md").read_text()

@@ -66,6 +66,8 @@ def plot(results: dict) -> None:
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.set_xticks(NFES, [str(n) for n in NFES])
+    axis.set_yticks([400, 500, 600, 800, 1000], ["400", "500", "600", "800", "1000"])
+    axis.minorticks_off()
     axis.set_xlabel("network evaluations per image (NFE)")
     axis.set_ylabel(f"FD, {results['features']} features (lower is better)")
     axis.set_title(f"{results['teacher']}: {results['num_samples']} samples vs {results['num_real']} held-out crops",

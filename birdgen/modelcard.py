@@ -267,6 +267,6 @@ birdgen export {run_dir} --to {out} --steps {steps}
 Same noise, rows: the teacher with DDIM 50, the teacher with DDIM {steps}, this student with DDIM {steps}:
 
 ![comparison](comparison.png)
-{"## Distillation loss" + chr(10) + "![loss](loss.png)" + chr(10) if records else ""}"""
+{chr(10) + "## Distillation loss" + chr(10) + "![loss](loss.png)" + chr(10) if records else ""}"""
     atomic_write_text(out / CARD_FILE, card)
     return out

@@ -73,6 +73,8 @@ def make_request_sampler(model: BirdModel, request: GenerationRequest) -> Sample
     if model.sampling is not None and steps is None:
         steps = model_sampling(model)[1]
     check_student_sampler(model, sampler, steps, request.eta)
+    if request.eta and sampler != "ddim":
+        raise ValueError(f"eta {request.eta:g} applies to DDIM only, not {sampler} (choose the ddim sampler)")
     return make_sampler(sampler, model.schedule, steps, eta=request.eta)
 
 

@@ -91,7 +91,7 @@ def test_denoising_page_forward_and_reverse(models, real_cub, monkeypatch):
     t_slider = next(s for s in at.slider if s.label == "Timestep t")
     t_slider.set_value(99).run()
     assert at.get("image")[0].captions == ["x_t at t = 99"]
-    at.slider(key="chain_steps_ddim").set_value(4)
+    at.slider(key="chain_steps_dpmpp").set_value(4)
     at.button(key="run_chain").click().run()
     assert not at.exception
     step = at.slider(key="chain_step")
@@ -113,7 +113,7 @@ def test_denoising_page_without_dataset_falls_back_to_generated(models, tmp_path
 def test_compare_page_uses_same_noise(models):
     at = app(PAGES / "compare.py")
     assert at.selectbox(key="left").value == "small-attn" and at.selectbox(key="right").value == "small"
-    at.slider(key="cmp_steps_ddim").set_value(2)
+    at.slider(key="cmp_steps_dpmpp").set_value(3)
     at.number_input(key="cmp_count").set_value(2)
     at.button(key="compare").click().run()
     assert not at.exception and len(at.get("image")) == 2
@@ -262,7 +262,7 @@ def test_species_controls_appear_only_for_a_species_model(models):
     assert picker.options == ["any species", "Cardinal (17)", "American Goldfinch (47)"]
     picker.set_value(17).run()
     at.slider(key="gen_guidance").set_value(2.0)
-    at.slider(key="gen_steps_ddim").set_value(3)
+    at.slider(key="gen_steps_dpmpp").set_value(3)
     at.number_input(key="gen_count").set_value(2)
     at.button(key="generate").click().run()
     assert not at.exception
@@ -276,7 +276,7 @@ def test_species_controls_appear_only_for_a_species_model(models):
         assert at.selectbox(key=key).options[0] == "any species"
     at.selectbox(key="cmp_species").set_value(47)
     at.number_input(key="cmp_count").set_value(2)
-    at.slider(key="cmp_steps_ddim").set_value(2)
+    at.slider(key="cmp_steps_dpmpp").set_value(3)
     at.button(key="compare").click().run()
     assert not at.exception and "small cannot take this species" in at.info[0].value
 

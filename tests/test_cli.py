@@ -21,7 +21,7 @@ def test_sample_runs_on_every_random_preset(name, tmp_path, capsys):
     assert main(["sample", "--preset", name, "--num", "2", "--steps", "2", "--out", str(out), "--device", "cpu"]) == 0
     assert Image.open(out).size == (2 * 66 + 2, 66 + 2)
     text = capsys.readouterr().out
-    assert "parameters" in text and "2 images, 2 ddim steps" in text
+    assert "parameters" in text and "2 images, 2 dpmpp steps" in text  # the default sampler
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
@@ -38,7 +38,8 @@ def test_sample_from_model_folder_with_individual_images(sampler, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["sample", "--preset", "small", "--steps", "5000"], "steps 5000 out of range [1, 1000]"),
     (["sample", "--preset", "small", "--num", "0"], "number of images 0 out of range"),
-    (["sample", "--preset", "small", "--eta", "2"], "eta 2.0 out of range"),
+    (["sample", "--preset", "small", "--sampler", "ddim", "--eta", "2"], "eta 2.0 out of range"),
+    (["sample", "--preset", "small", "--eta", "0.5"], "eta 0.5 applies to DDIM only, not dpmpp"),
     (["sample", "--model", "no/such/folder"], "no such model folder"),
     (["eval", "--model", "m", "--data", "d", "--inception-weights", "missing.pth"], "Inception weights file not found"),
 ])

@@ -34,7 +34,7 @@ from .utils import machine_description, save_grid
 
 METHOD = "progressive distillation (Salimans & Ho 2022)"
 RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_threads", "progress",
-                     "max_nonfinite", "device", "precision", "channels_last", "log"}
+                     "max_nonfinite", "device", "precision", "channels_last"}
 
 
 @dataclass
@@ -57,7 +57,6 @@ class DistillConfig:
     sample_every: int = 500  # previews also at the end of every round
     sample_count: int = 16
     log_every: int = 20
-    log: str = "none"
     progress: bool = True
     max_nonfinite: int = 20
 
@@ -87,8 +86,6 @@ class DistillConfig:
             raise TrainingError("grad_clip and num_threads must not be negative")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise TrainingError(f"precision {self.precision!r}: choose one of auto, fp32, bf16, fp16")
-        if self.log != "none":
-            raise TrainingError("distillation logs to metrics.jsonl only (--log none)")
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "DistillConfig":

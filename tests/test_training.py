@@ -103,24 +103,29 @@ def test_config_file_unknown_keys_and_overrides(tmp_path):
         TrainConfig.from_file(tmp_path / "broken.yaml")
 
 
-def test_non_finite_losses_are_skipped_then_stop(tiny_cub, tmp_path, monkeypatch):
+def nan_losses(monkeypatch, when) -> None:
+    """Makes the training loss NaN on the calls (counted from 1) for which when(call) is true."""
     import birdgen.training_loop as loop
 
     real_call = loop.DiffusionLoss.__call__
     calls = {"n": 0}
 
-    def sometimes_nan(self, *args):
+    def patched(self, *args):
         calls["n"] += 1
         loss = real_call(self, *args)
-        return loss * float("nan") if calls["n"] in (2, 3) else loss
+        return loss * float("nan") if when(calls["n"]) else loss
 
-    monkeypatch.setattr(loop.DiffusionLoss, "__call__", sometimes_nan)
+    monkeypatch.setattr(loop.DiffusionLoss, "__call__", patched)
+
+
+def test_non_finite_losses_are_skipped_then_stop(tiny_cub, tmp_path, monkeypatch):
+    nan_losses(monkeypatch, lambda call: call in (2, 3))
     latest = train(config(tiny_cub, steps=4), tmp_path / "run")
     state = torch.load(latest / "state.pt", weights_only=True)
     assert state["step"] == 4 and state["skipped_steps"] == 2
     assert all(torch.isfinite(t).all() for t in weights(latest / "model.safetensors").values())
 
-    monkeypatch.setattr(loop.DiffusionLoss, "__call__", lambda self, *a: real_call(self, *a) * float("nan"))
+    nan_losses(monkeypatch, lambda call: True)
     with pytest.raises(TrainingError, match="not finite for 3 steps in a row"):
         train(config(tiny_cub, steps=8, max_nonfinite=3), tmp_path / "run", resume=True)
     assert Checkpoints(tmp_path / "run", 3).latest().name == "step-0000004"
@@ -289,17 +294,7 @@ def test_sync_free_steps_read_nothing_back_between_log_intervals(tiny_cub, tmp_p
 
 def test_sync_free_skips_a_non_finite_step_on_the_device(tiny_cub, tmp_path, monkeypatch):
     """A skipped step leaves weights, EMA and AdamW's moments exactly as they were, with no host check."""
-    import birdgen.training_loop as loop
-
-    real_call = loop.DiffusionLoss.__call__
-    calls = {"n": 0}
-
-    def nan_on_third(self, *args):
-        calls["n"] += 1
-        loss = real_call(self, *args)
-        return loss * float("nan") if calls["n"] == 3 else loss
-
-    monkeypatch.setattr(loop.DiffusionLoss, "__call__", nan_on_third)
+    nan_losses(monkeypatch, lambda call: call == 3)
     run = tmp_path / "run"
     train(config(tiny_cub, steps=2, sync_free=True, checkpoint_every=1, keep_checkpoints=5), run)
     train(config(tiny_cub, steps=3, sync_free=True, checkpoint_every=1, keep_checkpoints=5), run, resume=True)
@@ -314,7 +309,7 @@ def test_sync_free_skips_a_non_finite_step_on_the_device(tiny_cub, tmp_path, mon
         for name in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(moments[name], state_after["optimizer"]["state"][key][name]), name
 
-    monkeypatch.setattr(loop.DiffusionLoss, "__call__", lambda self, *a: real_call(self, *a) * float("nan"))
+    nan_losses(monkeypatch, lambda call: True)
     with pytest.raises(TrainingError, match="not finite for 4 steps in a row"):  # found at the log interval
         train(config(tiny_cub, steps=9, sync_free=True, max_nonfinite=3, log_every=4), tmp_path / "bad")
 

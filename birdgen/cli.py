@@ -358,19 +358,27 @@ def cmd_inpaint(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    values = vars(args)
-    config = TrainConfig.from_file(values["config"]) if values.get("config") else TrainConfig()
+def run_config(config_class, values: dict, data_hint: str):
+    """The settings of a run command: a --config file's (training only), else on --resume the run
+    folder's saved ones, else the defaults; then every flag given on top. A missing or non-CUB data
+    folder fails here, before any work starts."""
+    config = config_class.from_file(values["config"]) if values.get("config") else config_class()
     saved = Path(values["out"]) / "config.json"
     if values["resume"] and not values.get("config") and saved.is_file():
-        config = TrainConfig.from_dict(json.loads(saved.read_text()), str(saved))
-    overrides = {f.name: values[f.name] for f in fields(TrainConfig) if f.name in values}
-    config = TrainConfig.from_dict({**config.__dict__, **overrides})
+        config = config_class.from_dict(json.loads(saved.read_text()), str(saved))
+    overrides = {f.name: values[f.name] for f in fields(config_class) if f.name in values}
+    config = config_class.from_dict({**config.__dict__, **overrides})
     if not config.data:
-        raise TrainingError("no data folder: pass --data DIR (a CUB_200_2011 folder) or set data in --config")
+        raise TrainingError(f"no data folder: pass --data DIR ({data_hint})")
     from .data import read_metadata
 
-    read_metadata(config.data)  # a data folder that is not a CUB layout fails before any work starts
+    read_metadata(config.data)
+    return config
+
+
+def cmd_train(args) -> int:
+    values = vars(args)
+    config = run_config(TrainConfig, values, "a CUB_200_2011 folder, or set data in --config")
     latest = train(config, values["out"], resume=values["resume"], overwrite=values["overwrite"])
     print(f"Checkpoint: {latest}")
     return 0
@@ -378,17 +386,7 @@ def cmd_train(args) -> int:
 
 def cmd_distill(args) -> int:
     values = vars(args)
-    saved = Path(values["out"]) / "config.json"
-    config = DistillConfig()
-    if values["resume"] and saved.is_file():
-        config = DistillConfig.from_dict(json.loads(saved.read_text()), str(saved))
-    overrides = {f.name: values[f.name] for f in fields(DistillConfig) if f.name in values}
-    config = DistillConfig.from_dict({**config.__dict__, **overrides})
-    if not config.data:
-        raise TrainingError("no data folder: pass --data DIR (the CUB_200_2011 folder the teacher trained on)")
-    from .data import read_metadata
-
-    read_metadata(config.data)
+    config = run_config(DistillConfig, values, "the CUB_200_2011 folder the teacher trained on")
     latest = distill(config, values["out"], resume=values["resume"], overwrite=values["overwrite"])
     print(f"Checkpoint: {latest}")
     return 0

@@ -67,6 +67,15 @@ class NoiseSchedule:
         self.alpha_bar64 = torch.cumprod(1 - betas, dim=0)
         self.betas = betas.float()
         self.alpha_bar = self.alpha_bar64.float()
+        self._copies: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def table(self, name: str, device: torch.device) -> torch.Tensor:
+        """The table `name` ("alpha_bar", "alpha_bar64") on `device`, copied there once rather than
+        on every training step."""
+        key = (name, torch.device(device))
+        if key not in self._copies:
+            self._copies[key] = getattr(self, name).to(device)
+        return self._copies[key]
 
     @property
     def num_steps(self) -> int:
@@ -74,12 +83,12 @@ class NoiseSchedule:
 
     def snr(self, t: torch.Tensor | None = None) -> torch.Tensor:
         """SNR per step, or at timesteps `t` on t's device (no copy to the host)."""
-        alpha_bar = self.alpha_bar64 if t is None else self.alpha_bar64.to(t.device)[t]
+        alpha_bar = self.alpha_bar64 if t is None else self.table("alpha_bar64", t.device)[t]
         return (alpha_bar / (1 - alpha_bar)).float()
 
     def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), shaped to broadcast against `like`."""
-        alpha_bar = self.alpha_bar.to(like.device)[t].view(-1, *([1] * (like.ndim - 1)))
+        alpha_bar = self.table("alpha_bar", like.device)[t].view(-1, *([1] * (like.ndim - 1)))
         return alpha_bar.sqrt().to(like.dtype), (1 - alpha_bar).sqrt().to(like.dtype)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

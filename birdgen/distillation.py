@@ -28,8 +28,9 @@ from .data import load_crops, recover_split
 from .diffusion import DiffusionConfig, NoiseSchedule
 from .networks import UNet, UNetConfig, parameter_count
 from .samplers import DDIMSampler, Denoiser, initial_noise, run_to_end
-from .training_loop import (BatchStream, Checkpoints, MetricsLog, StopRequests, TrainingError, config_from_dict,
-                            draw_batch, peak_memory_mb, prepare_run_dir, resolve_device, resolve_precision)
+from .training_loop import (BatchStream, Checkpoints, MetricsLog, StepTallies, StopRequests, TrainingError, check_streak,
+                            config_from_dict, draw_batch, peak_memory_mb, prepare_run_dir, resolve_device,
+                            resolve_precision)
 from .utils import machine_description, save_grid
 
 METHOD = "progressive distillation (Salimans & Ho 2022)"
@@ -105,7 +106,8 @@ class ProgressiveDistillationLoss:
     sampler the app runs.
     """
 
-    def __init__(self, schedule: NoiseSchedule, student_steps: int, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, schedule: NoiseSchedule, student_steps: int, autocast_dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu"):
         teacher_grid = DDIMSampler(schedule, 2 * student_steps).timesteps
         student_grid = DDIMSampler(schedule, student_steps).timesteps
         if teacher_grid[::2] != student_grid:
@@ -115,15 +117,17 @@ class ProgressiveDistillationLoss:
         self.student_steps = student_steps
         self.autocast_dtype = autocast_dtype
         # Teacher grid points 0 … 2N-1, then the clean end (timestep -1, alpha_bar = 1).
-        self.timesteps = torch.tensor(teacher_grid + [-1])
-        self.alpha_bar = torch.cat([schedule.alpha_bar64[teacher_grid], torch.ones(1, dtype=torch.float64)]).float()
+        # Kept on the training device, so that indexing them never copies to or from the host.
+        self.timesteps = torch.tensor(teacher_grid + [-1], device=device)
+        self.alpha_bar = torch.cat([schedule.alpha_bar64[teacher_grid],
+                                    torch.ones(1, dtype=torch.float64)]).float().to(device)
 
     def _coefficients(self, points: torch.Tensor, like: torch.Tensor):
-        alpha_bar = self.alpha_bar.to(like.device)[points].view(-1, 1, 1, 1)
+        alpha_bar = self.alpha_bar[points].view(-1, 1, 1, 1)
         return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
 
     def _predict_x0(self, network, z: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        t = self.timesteps.to(z.device)[points]
+        t = self.timesteps[points]
         with torch.autocast(z.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             output = network(z, t).float()
@@ -154,7 +158,7 @@ class ProgressiveDistillationLoss:
         return alpha * x0 + sigma * noise
 
     def weights(self, student_index: torch.Tensor) -> torch.Tensor:
-        alpha_bar = self.alpha_bar[2 * student_index.cpu()]
+        alpha_bar = self.alpha_bar[2 * student_index]
         return (alpha_bar / (1 - alpha_bar)).clamp(min=1.0)
 
     def __call__(self, student, teacher, x0: torch.Tensor, noise: torch.Tensor,
@@ -163,7 +167,7 @@ class ProgressiveDistillationLoss:
         target = self.target(teacher, z, student_index)
         x_hat = self._predict_x0(student, z, 2 * student_index.to(z.device))
         per_sample = (x_hat - target).square().mean(dim=(1, 2, 3))
-        return (per_sample * self.weights(student_index).to(per_sample.device)).mean()
+        return (per_sample * self.weights(student_index)).mean()
 
 
 def load_teacher(config: DistillConfig, device: torch.device):
@@ -231,7 +235,7 @@ def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False,
     def new_round(index: int):
         optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0,
                                       fused=device.type == "cuda")
-        return optimizer, ProgressiveDistillationLoss(schedule, config.student_steps(index), autocast_dtype)
+        return optimizer, ProgressiveDistillationLoss(schedule, config.student_steps(index), autocast_dtype, device)
 
     optimizer, loss_fn = new_round(round_index)
     if optimizer_state is not None:
@@ -258,7 +262,7 @@ def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False,
     def save(reason: str) -> Path:
         state = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "epoch": stream.epoch,
                  "position": stream.position, "step": step, "round": round_index, "train_seconds": train_seconds,
-                 "skipped_steps": skipped_total, "images_seen": step * config.batch_size, "reason": reason}
+                 "skipped_steps": int(tallies.skipped), "images_seen": step * config.batch_size, "reason": reason}
         return checkpoints.save(step, {"model": student, "teacher": teacher}, state)
 
     def preview() -> None:
@@ -274,8 +278,8 @@ def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False,
     stop = StopRequests()
     bar = tqdm(total=config.total_steps, initial=step, desc="Distilling", unit="step", disable=not config.progress,
                dynamic_ncols=True)
-    interval = {"loss": 0.0, "count": 0, "start": time.perf_counter()}
-    consecutive_bad, last_saved = 0, step
+    tallies = StepTallies(device, skipped_total)
+    last_saved = step
     try:
         while step < config.total_steps and not stop:
             if step // config.round_steps != round_index:  # a new round: this round's student teaches the next
@@ -291,33 +295,27 @@ def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False,
             loss = loss_fn(student, teacher, x0, noise, index)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip or float("inf"))
-            if not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):
+            finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+            tallies.add(loss, grad_norm, finite)
+            if not bool(finite):
                 optimizer.zero_grad(set_to_none=True)
-                skipped_total += 1
-                consecutive_bad += 1
-                if consecutive_bad >= config.max_nonfinite:
-                    raise TrainingError(f"loss or gradients were not finite for {consecutive_bad} steps in a row at"
-                                        f" step {step}; lower the learning rate or use fp32 (last checkpoint kept)")
+                check_streak(int(tallies.streak), config.max_nonfinite, step)
                 continue
-            consecutive_bad = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            train_seconds += time.perf_counter() - started
-            interval["loss"] += loss.item()
-            interval["count"] += 1
             bar.update(1)
             if step % config.log_every == 0:
-                elapsed = time.perf_counter() - interval["start"]
+                figures = tallies.read()
                 record = {"step": step, "round": round_index + 1, "student_steps": loss_fn.student_steps,
-                          "loss": interval["loss"] / interval["count"], "lr": optimizer.param_groups[0]["lr"],
-                          "images_per_s": interval["count"] * config.batch_size / elapsed,
-                          "images_seen": step * config.batch_size, "skipped_steps": skipped_total,
+                          "loss": figures["loss"], "lr": optimizer.param_groups[0]["lr"],
+                          "images_per_s": config.log_every * config.batch_size / figures["seconds"],
+                          "images_seen": step * config.batch_size, "skipped_steps": figures["skipped"],
                           "memory_mb": peak_memory_mb(device), "time": time.time()}
                 log.write(record)
                 bar.set_postfix(round=f"{round_index + 1}/{config.rounds}", steps=loss_fn.student_steps,
                                 loss=f"{record['loss']:.4f}")
-                interval = {"loss": 0.0, "count": 0, "start": time.perf_counter()}
+            train_seconds += time.perf_counter() - started
             round_done = step % config.round_steps == 0
             if round_done:
                 save_student(student, student_file(run_dir, loss_fn.student_steps))

@@ -238,8 +238,8 @@ class EvalSettings:
             raise EvaluationError(f"batch_size {self.batch_size} must be at least 1")
 
 
-def for_model(settings: EvalSettings, model: BirdModel) -> EvalSettings:
-    """The settings with the sampler and steps resolved for `model`."""
+def resolve_sampler(model: BirdModel, settings: EvalSettings) -> EvalSettings:
+    """The settings with the sampler and steps resolved for `model` (what metrics.json records)."""
     if settings.sampler is not None:
         return settings
     sampler, steps = (model.sampling["sampler"], model.sampling["steps"]) if model.sampling else EVAL_SAMPLING
@@ -251,7 +251,7 @@ def generate_uint8(model: BirdModel, settings: EvalSettings, progress: Progress 
     """settings.num_samples generated birds as uint8 NHWC, in seeded batches (seed + index of the
     first); for a species model, image i is of species[i % len(species)] (class indices)."""
     chunks, done = [], 0
-    settings = for_model(settings, model)
+    settings = resolve_sampler(model, settings)
     while done < settings.num_samples:
         count = min(settings.batch_size, settings.num_samples - done)
         request = GenerationRequest(settings.sampler, settings.steps, count, settings.seed + done, settings.eta)
@@ -271,7 +271,7 @@ def evaluate(model: BirdModel, crops: CubCrops, settings: EvalSettings, extracto
     """Generates settings.num_samples birds and scores them against the real crops of the
     model's own split."""
     settings.validate()
-    settings = for_model(settings, model)
+    settings = resolve_sampler(model, settings)
     started = time.perf_counter()
     where = str(model.path or model.name)
     train_indices, heldout_indices = recover_split(model.data, crops, where)

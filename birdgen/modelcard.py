@@ -226,11 +226,10 @@ def export_student_with_card(run_dir: str | os.PathLike, out: str | os.PathLike,
     teacher = load_model(config.teacher)
     steps = student.sampling["steps"]
     noise, _ = initial_noise(64, student.network_config.image_size, GRID_SEED)
-    save_grid(run_to_end(DDIMSampler(student.schedule, steps), student.denoiser(), noise), out / "samples.png",
-              columns=8)
-    rows = [run_to_end(DDIMSampler(teacher.schedule, n), network.denoiser(), noise[:8])
-            for network, n in ((teacher, 50), (teacher, steps), (student, steps))]
-    save_grid(torch.cat(rows), out / "comparison.png", columns=8)
+    samples = run_to_end(DDIMSampler(student.schedule, steps), student.denoiser(), noise)
+    save_grid(samples, out / "samples.png", columns=8)
+    teacher_rows = [run_to_end(DDIMSampler(teacher.schedule, n), teacher.denoiser(), noise[:8]) for n in (50, steps)]
+    save_grid(torch.cat([*teacher_rows, samples[:8]]), out / "comparison.png", columns=8)  # DDIM is per-image
     records = [r for r in read_metrics(run_dir) if r["student_steps"] >= steps]
     if records:
         plot_loss(records, out / "loss.png")

@@ -66,12 +66,10 @@ def for_model(model: BirdModel, request: GenerationRequest) -> GenerationRequest
 
 def make_request_sampler(model: BirdModel, request: GenerationRequest) -> Sampler:
     request.validate()
-    sampler, steps = request.sampler, request.steps
-    if sampler is None:
-        sampler, default_steps = model_sampling(model)
-        steps = default_steps if steps is None else steps
-    if model.sampling is not None and steps is None:
-        steps = model_sampling(model)[1]
+    default_sampler, default_steps = model_sampling(model)
+    sampler, steps = request.sampler or default_sampler, request.steps
+    if steps is None and (request.sampler is None or model.sampling is not None):
+        steps = default_steps  # else the named sampler's own default
     check_student_sampler(model, sampler, steps, request.eta)
     if request.eta and sampler != "ddim":
         raise ValueError(f"eta {request.eta:g} applies to DDIM only, not {sampler} (choose the ddim sampler)")

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .diffusion import DiffusionConfig, NoiseSchedule
+from .guidance import NO_GUIDE, GuidanceError, GuidanceRecord, ResolvedGuidance, resolve_guidance
 from .networks import UNet, UNetConfig, parameter_count
 from .samplers import SAMPLERS, Denoiser
 from .utils import check_field_types
@@ -51,6 +52,8 @@ class BirdModel:
     species: list[list] | None = None  # [[class id, class folder name], …] by class index, for conditional models
     sampling: dict | None = None  # {"sampler", "steps"}: the only sampler a distilled student works with
     distillation: dict | None = None  # how a student was distilled (teacher, method, rounds, images seen)
+    guidance: GuidanceRecord | None = None  # default guidance (config.json "guidance")
+    guide: "BirdModel | None" = None  # the weaker model that autoguides this one, loaded with it
 
     @cached_property
     def schedule(self) -> NoiseSchedule:
@@ -73,12 +76,34 @@ class BirdModel:
     def conditional(self) -> bool:
         return self.network_config.num_classes > 0
 
-    def denoiser(self, labels: torch.Tensor | None = None, guidance: float = 1.0) -> Denoiser:
-        """`labels`: class indices (one per image) for a conditional model; see Denoiser for `guidance`."""
+    def resolve_guidance(self, species_weight: float | None = None, guide_weight: float | None = None,
+                         interval: tuple[int, int] | None = None) -> ResolvedGuidance:
+        """The guidance a generation runs with: what it asks for, else this model's defaults."""
+        return resolve_guidance(self.guidance, self.guide is not None, self.schedule.num_steps, species_weight,
+                                guide_weight, interval)
+
+    def denoiser(self, labels: torch.Tensor | None = None, guidance: ResolvedGuidance | None = None) -> Denoiser:
+        """`labels`: class indices (one per image) for a conditional model. Without `guidance`
+        nothing guides: the plain conditional output of this network alone."""
         cuda = self.device.type == "cuda"
         autocast = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+        guidance = guidance or ResolvedGuidance(1.0, 1.0, None)
+        guide = self.guide.network if self.guide is not None and guidance.guide_weight != 1 else None
         return Denoiser(self.network, self.schedule, autocast_dtype=autocast, channels_last=True, labels=labels,
-                        guidance=guidance)
+                        guidance=guidance.species_weight, guide=guide, guide_weight=guidance.guide_weight,
+                        interval=guidance.interval)
+
+    @cached_property
+    def flops_per_image(self) -> int:
+        """Floating-point operations of one forward pass for one image (torch's flop counter)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        size, channels = self.network_config.image_size, self.network_config.in_channels
+        x = torch.zeros(1, channels, size, size, device=self.device)
+        t = torch.zeros(1, dtype=torch.long, device=self.device)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            self.network(x, t) if not self.conditional else self.network(x, t, t)
+        return counter.get_total_flops()
 
     def metrics(self) -> dict[str, dict]:
         """Stored evaluations by feature space ({"mobilenet": {...}, "inception": {...}}), or {}."""
@@ -118,7 +143,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_config: UNetConfig,
                diffusion_config: DiffusionConfig, half: bool = False, card: str | None = None,
                training: dict | None = None, data: dict | None = None, species: list | None = None,
-               sampling: dict | None = None, distillation: dict | None = None) -> Path:
+               sampling: dict | None = None, distillation: dict | None = None, guidance: dict | None = None) -> Path:
     """Writes weights and config (each atomically) and the model card, if given; `training` records how
     much the weights were trained, so that comparisons can say when two models are not on equal footing;
     `data` records the crops and split, so that evaluation can find the crops the model never saw."""
@@ -131,7 +156,8 @@ def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_conf
     os.replace(temporary, folder / WEIGHTS_FILE)
     extra = {"weights_dtype": str(dtype).removeprefix("torch.")} | ({"training": training} if training else {}) \
         | ({"data": data} if data else {}) | ({"species": species} if species else {}) \
-        | ({"sampling": sampling} if sampling else {}) | ({"distillation": distillation} if distillation else {})
+        | ({"sampling": sampling} if sampling else {}) | ({"distillation": distillation} if distillation else {}) \
+        | ({"guidance": guidance} if guidance else {})
     atomic_write_text(folder / CONFIG_FILE, json.dumps(config_dict(network_config, diffusion_config, **extra),
                                                        indent=2) + "\n")
     if card is not None:
@@ -141,8 +167,8 @@ def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_conf
 
 def read_config(folder: Path) -> tuple[UNetConfig, DiffusionConfig, dict]:
     """The network and diffusion settings of a model folder, and its optional records
-    ({"training": …, "data": …, "species": …, "sampling": …, "distillation": …}, each present
-    only if the folder has it)."""
+    ({"training": …, "data": …, "species": …, "sampling": …, "distillation": …, "guidance": …},
+    each present only if the folder has it; "guidance" as a GuidanceRecord)."""
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise ModelError(f"{path}: missing model config (is {folder} a birdgen model folder?)")
@@ -161,7 +187,7 @@ def read_config(folder: Path) -> tuple[UNetConfig, DiffusionConfig, dict]:
         except (TypeError, ValueError) as error:
             raise ModelError(f"{path}: {section}: {error}") from None
     network, diffusion = sections["network"], sections["diffusion"]
-    records = {key: raw[key] for key in ("training", "data", "species", "sampling", "distillation")
+    records = {key: raw[key] for key in ("training", "data", "species", "sampling", "distillation", "guidance")
                if raw.get(key) is not None}
     for key, value in records.items():
         kind = list if key == "species" else dict
@@ -180,6 +206,11 @@ def read_config(folder: Path) -> tuple[UNetConfig, DiffusionConfig, dict]:
                          f"{diffusion.num_steps}), not {sampling}")
     if network.num_classes and species is None:
         raise ModelError(f"{path}: the network knows {network.num_classes} species but 'species' does not name them")
+    if "guidance" in records:
+        try:
+            records["guidance"] = GuidanceRecord.from_dict(records["guidance"], diffusion.num_steps)
+        except GuidanceError as error:
+            raise ModelError(f"{path}: {error}") from None
     return network, diffusion, records
 
 
@@ -236,7 +267,9 @@ def resolve(path_or_hub_id: str | os.PathLike) -> Path:
         raise ModelError(f"{text}: could not fetch from the Hugging Face Hub ({str(error).splitlines()[0]})") from None
 
 
-def load_model(path_or_hub_id: str | os.PathLike, device: str | torch.device = "cpu") -> BirdModel:
+def load_model(path_or_hub_id: str | os.PathLike, device: str | torch.device = "cpu", guide: str | None = None) -> BirdModel:
+    """A model folder or Hub repo, with the guide its config names (`guide`: another guide
+    folder instead, or "none" for no guide)."""
     folder = resolve(path_or_hub_id)
     network_config, diffusion_config, records = read_config(folder)
     model = build_model(network_config, diffusion_config, "cpu")
@@ -245,7 +278,37 @@ def load_model(path_or_hub_id: str | os.PathLike, device: str | torch.device = "
     model.path, model.training, model.data = folder, records.get("training"), records.get("data")
     model.species = records.get("species")
     model.sampling, model.distillation = records.get("sampling"), records.get("distillation")
+    model.guidance = records.get("guidance")
+    named = model.guidance.guide if model.guidance else None
+    if guide != NO_GUIDE and (guide or named):
+        location = guide if guide else folder / named
+        model.guide = load_model(location, device, guide=NO_GUIDE)
+        check_guide(model, model.guide, str(location))
     return model
+
+
+def check_guide(main: BirdModel, guide: BirdModel, where: str) -> None:
+    """A guide must make the same images from the same noise levels with the same target, and
+    know the same species, else its output cannot be mixed with the main model's."""
+    mine, theirs = main.diffusion_config, guide.diffusion_config
+    problems = []
+    if mine.prediction != theirs.prediction:
+        problems.append(f"it predicts {theirs.prediction}, {main.name} predicts {mine.prediction}")
+    if mine != theirs and mine.prediction == theirs.prediction:
+        problems.append(f"its noise schedule ({theirs.schedule}, {theirs.num_steps} steps) differs from"
+                        f" {main.name}'s ({mine.schedule}, {mine.num_steps} steps)")
+    for name in ("image_size", "in_channels"):
+        if getattr(main.network_config, name) != getattr(guide.network_config, name):
+            problems.append(f"its {name.replace('_', ' ')} is {getattr(guide.network_config, name)}, not"
+                            f" {getattr(main.network_config, name)}")
+    if (main.species or None) != (guide.species or None):
+        problems.append("it knows other species" if main.species and guide.species else
+                        "it is a species model and the main model is not" if guide.species else
+                        "the main model is a species model and the guide is not")
+    if guide.sampling is not None:
+        problems.append("it is a distilled student, which only works with its own few steps")
+    if problems:
+        raise ModelError(f"{where}: cannot guide {main.name}: {'; '.join(problems)}")
 
 
 def push_model(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None) -> str:

@@ -17,6 +17,8 @@ from .distillation import DistillConfig, distill
 from .diffusion import DiffusionConfig
 from .download import DownloadError, download
 from .editing import EditError
+from .guidance import (GUIDE_WEIGHT, GUIDE_WEIGHT_RANGE, NO_GUIDE, SPECIES_WEIGHT, SPECIES_WEIGHT_RANGE,
+                       parse_interval)
 from .networks import PRESETS, parameter_count, preset
 from .pipeline import DEFAULT_SAMPLING, GenerationRequest, generation_steps, make_request_sampler
 from .samplers import DEFAULT_STEPS, SAMPLERS
@@ -80,9 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--species", action="append", metavar="ID|NAME",
                         help="species model only: a class id (17) or name (Cardinal); repeat it, or say 'all', for one"
                              " row of --num images per species")
-    sample.add_argument("--guidance", type=float, default=3.0,
-                        help="classifier-free guidance with --species: 0 ignores the species, 1 plain conditional,"
-                             " higher follows it more closely (0-15, default 3)")
+    add_guidance_flags(sample)
     sample.add_argument("--out", default="samples.png", help="grid PNG to write (default samples.png)")
     sample.add_argument("--individual", metavar="DIR", help="also write each image as DIR/NNNN.png")
     sample.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -113,7 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--heldout-batches", type=int, default=4, help="batches of held-out crops for the card's loss")
     export.add_argument("--steps", type=int, help="distillation runs: the student for this many steps (default: the"
                                                   " run's target; every round's student is kept)")
+    export.add_argument("--checkpoint-step", type=int, metavar="STEP",
+                        help="training runs: export the checkpoint of this step (default: the latest)")
+    export.add_argument("--guide", metavar="FOLDER", help="name this guide model in the folder's config, so that"
+                        " sampling autoguides by default (default: keep the link the folder already has)")
+    export.add_argument("--guide-weight", type=float, metavar="W",
+                        help=f"with --guide: autoguidance w ({GUIDE_WEIGHT_RANGE[0]:g}-{GUIDE_WEIGHT_RANGE[1]:g},"
+                             f" default {GUIDE_WEIGHT:g})")
+    export.add_argument("--guide-interval", metavar="LOW,HIGH|all",
+                        help="with --guide: timesteps where guidance applies (default: all)")
+    export.add_argument("--guides", metavar="MODEL", help="this model is the autoguidance guide of MODEL: its card"
+                                                          " says so")
     export.set_defaults(handler=cmd_export)
+
+    link = commands.add_parser("set-guide", help="name the guide a model folder autoguides with by default")
+    link.add_argument("--model", required=True, help="model folder")
+    link.add_argument("--guide", required=True, metavar=f"FOLDER|{NO_GUIDE}",
+                      help=f"the guide model folder; '{NO_GUIDE}' removes the link")
+    link.add_argument("--guide-weight", type=float, metavar="W",
+                      help=f"autoguidance w ({GUIDE_WEIGHT_RANGE[0]:g}-{GUIDE_WEIGHT_RANGE[1]:g}, default {GUIDE_WEIGHT:g})")
+    link.add_argument("--guide-interval", metavar="LOW,HIGH|all",
+                      help="timesteps where guidance applies, 0 least noisy (default: all)")
+    link.set_defaults(handler=cmd_set_guide)
 
     push = commands.add_parser("push", help="upload a model folder to the Hugging Face Hub")
     push.add_argument("folder")
@@ -122,10 +143,62 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(handler=cmd_push)
 
     add_editing_parsers(commands)
-    from .evaluation import add_eval_parser
-
     add_eval_parser(commands)
     return parser
+
+
+def add_eval_parser(commands) -> None:
+    from .evaluation import EVAL_SAMPLING, MIN_SAMPLES
+    from .features import FEATURE_SPACES, INCEPTION_ENV, INCEPTION_FILE
+
+    parser = commands.add_parser("eval", help="FD/KID, precision/recall and a memorization check against real crops")
+    parser.add_argument("--model", required=True, help="model folder or Hub id")
+    parser.add_argument("--data", required=True, help="the CUB_200_2011 folder the model trained on")
+    parser.add_argument("--features", choices=("auto", *FEATURE_SPACES), default="auto",
+                        help="inception (standard FID weights, needed once) or mobilenet (ships with birdgen, offline);"
+                             " auto: inception where its weights are present, else mobilenet")
+    parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                        help="real crops to compare with: the model's held-out crops (default) or its training crops")
+    parser.add_argument("--num-samples", type=int, default=1000,
+                        help=f"generated images (at least {MIN_SAMPLES}; default 1000)")
+    parser.add_argument("--sampler", choices=SAMPLERS,
+                        help=f"default: a distilled student's own, else {EVAL_SAMPLING[0]} {EVAL_SAMPLING[1]}")
+    parser.add_argument("--steps", type=int, help="network evaluations (default: the sampler's)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise, 0 (deterministic, default) … 1")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per generation batch (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first batch; batch k uses seed + k × batch")
+    parser.add_argument("--no-memorization", action="store_true", help="skip the nearest-training-crop check")
+    add_guidance_flags(parser)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--inception-weights",
+                        help=f"path to {INCEPTION_FILE} (else ${INCEPTION_ENV} or the torch hub cache)")
+    parser.set_defaults(handler=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .evaluation import EvalSettings, run_evaluation, save_evaluation, summary
+    from .features import choose_feature_space
+
+    choose_feature_space(args.features, args.inception_weights)  # a missing extractor fails before loading anything
+    model = load_guided_model(args, pick_device(args.device))
+    settings = EvalSettings(args.split, args.num_samples, args.sampler, args.steps, args.eta, args.batch_size,
+                            args.seed, not args.no_memorization, args.guidance, args.guide_weight,
+                            args.guide_interval)
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.setdefault(stage, tqdm(total=total, desc=stage.capitalize(), unit="img"))
+        bar.update(done - bar.n)
+
+    evaluation = run_evaluation(model, args.data, settings, args.features, args.inception_weights, progress, print)
+    for bar in bars.values():
+        bar.close()
+    print(summary(evaluation.metrics))
+    if Path(args.model).is_dir():  # never into the Hub cache
+        print(f"wrote {save_evaluation(model, evaluation)}")
+    return 0
 
 
 def add_editing_parsers(commands) -> None:
@@ -140,7 +213,7 @@ def add_editing_parsers(commands) -> None:
     interpolate.add_argument("--gif", help="also write an animated GIF (there and back)")
     interpolate.add_argument("--species", nargs=2, metavar=("FROM", "TO"),
                              help="species model only: also move from one species to another (ids or names)")
-    interpolate.add_argument("--guidance", type=float, default=3.0, help="with --species (0-15)")
+    add_guidance_flags(interpolate)
     interpolate.add_argument("--device", default="auto")
     interpolate.set_defaults(handler=cmd_interpolate)
 
@@ -155,7 +228,7 @@ def add_editing_parsers(commands) -> None:
     edit.add_argument("--seed", type=int, default=0)
     edit.add_argument("--out", default="edited.png", help="grid PNG: the input first, then the results")
     edit.add_argument("--species", metavar="ID|NAME", help="species model only: turn the picture into this species")
-    edit.add_argument("--guidance", type=float, default=3.0, help="with --species (0-15)")
+    add_guidance_flags(edit)
     edit.add_argument("--device", default="auto")
     edit.set_defaults(handler=cmd_edit)
 
@@ -170,8 +243,44 @@ def add_editing_parsers(commands) -> None:
     inpaint.add_argument("--num", type=int, default=4)
     inpaint.add_argument("--seed", type=int, default=0)
     inpaint.add_argument("--out", default="inpainted.png", help="grid PNG: the masked input first, then the results")
+    add_guidance_flags(inpaint, species=False)
     inpaint.add_argument("--device", default="auto")
     inpaint.set_defaults(handler=cmd_inpaint)
+
+
+def add_guidance_flags(parser: argparse.ArgumentParser, species: bool = True) -> None:
+    """--guide, --guide-weight, --guide-interval (and --guidance for species): one set for every
+    command that samples; unset, each takes the model's default from its config.json."""
+    if species:
+        parser.add_argument("--guidance", type=float, help="species guidance with --species: 0 ignores the species, 1 is"
+                            f" the plain conditional model, higher follows it more closely ({SPECIES_WEIGHT_RANGE[0]:g}-"
+                            f"{SPECIES_WEIGHT_RANGE[1]:g}; default: the model's, else {SPECIES_WEIGHT:g})")
+    parser.add_argument("--guide", metavar=f"FOLDER|{NO_GUIDE}", help="autoguidance: a weaker model of the same kind"
+                        f" to guide with; '{NO_GUIDE}' samples without one (default: the guide the model's config"
+                        " names, if any)")
+    parser.add_argument("--guide-weight", type=float, metavar="W", help="autoguidance w: 1 is the model alone, higher"
+                        f" moves further from the guide ({GUIDE_WEIGHT_RANGE[0]:g}-{GUIDE_WEIGHT_RANGE[1]:g}; default:"
+                        f" the model's, else {GUIDE_WEIGHT:g} with --guide)")
+    parser.add_argument("--guide-interval", metavar="LOW,HIGH|all", help="training timesteps where guidance applies"
+                        " (0 is the least noisy), e.g. 200,999; 'all' for every step (default: the model's)")
+
+
+def load_guided_model(args, device):
+    """The model named by --model, with the guide that --guide picks (else its config's)."""
+    model = load_model(args.model, device, guide=args.guide)
+    if args.guide and args.guide != NO_GUIDE and args.guide_weight is None and (
+            model.guidance is None or model.guidance.guide_weight == 1):
+        args.guide_weight = GUIDE_WEIGHT
+    args.guide_interval = parse_interval(args.guide_interval, model.schedule.num_steps) if args.guide_interval \
+        else None
+    return model
+
+
+def guidance_text(model, args, species: bool) -> str:
+    """What guided this run, for the command's last line ('' when nothing did)."""
+    resolved = model.resolve_guidance(args.guidance if species else None, args.guide_weight, args.guide_interval)
+    text = resolved.describe(species, model.guide.name if model.guide else None)
+    return f" ({text})" if text else ""
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_class=TrainConfig) -> None:
@@ -225,9 +334,10 @@ def cmd_presets(args) -> int:
 def cmd_sample(args) -> int:
     device = pick_device(args.device)
     if args.model:
-        model = load_model(args.model, device)
+        model = load_guided_model(args, device)
     else:
         model = build_model(preset(args.preset), DiffusionConfig(), device)
+        args.guide_interval = None
     species = ()
     if args.species:
         from .species import require_species_model, resolve_species
@@ -235,8 +345,8 @@ def cmd_sample(args) -> int:
         require_species_model(model)
         species = tuple(range(model.network_config.num_classes)) if [s.lower() for s in args.species] == ["all"] \
             else tuple(resolve_species(model, text) for text in args.species)
-    request = GenerationRequest(args.sampler, args.steps, args.num, args.seed, args.eta, species,
-                                args.guidance if species else 1.0)
+    request = GenerationRequest(args.sampler, args.steps, args.num, args.seed, args.eta, species, args.guidance,
+                                args.guide_weight, args.guide_interval)
     print(f"{model.name}: {model.parameter_count:,} parameters on {machine_description(device)}")
     from tqdm.auto import tqdm
 
@@ -258,9 +368,9 @@ def cmd_sample(args) -> int:
         from .species import species_names
 
         names = species_names(model)
-        print(f"rows: {', '.join(names[s] for s in species)} (guidance {args.guidance:g})")
-    print(f"{request.total_images} images, {step.num_steps} {sampler.name} steps in {seconds:.1f} s on {device};"
-          f" wrote {path}")
+        print(f"rows: {', '.join(names[s] for s in species)}")
+    print(f"{request.total_images} images, {step.num_steps} {sampler.name} steps{guidance_text(model, args, bool(species))}"
+          f" in {seconds:.1f} s on {device}; wrote {path}")
     return 0
 
 
@@ -301,13 +411,14 @@ def cmd_interpolate(args) -> int:
     from .visualize import to_gif
     from .utils import grid_image
 
-    model = load_model(args.model, pick_device(args.device))
+    model = load_guided_model(args, pick_device(args.device))
     species = None
     if args.species:
         from .species import resolve_species
 
         species = tuple(resolve_species(model, text) for text in args.species)
-    steps = interpolation_steps(model, args.seeds[0], args.seeds[1], args.frames, args.steps, species, args.guidance)
+    steps = interpolation_steps(model, args.seeds[0], args.seeds[1], args.frames, args.steps, species, args.guidance,
+                                args.guide_weight, args.guide_interval)
     last, seconds = run_steps(steps, args.steps, f"Interpolating ({args.frames} frames)")
     path = save_grid(last.x, args.out, columns=args.frames)
     if args.gif:
@@ -323,7 +434,7 @@ def cmd_edit(args) -> int:
 
     from .editing import EditRequest, sdedit_steps
 
-    model = load_model(args.model, pick_device(args.device))
+    model = load_guided_model(args, pick_device(args.device))
     image = read_picture(args.image, model.network_config.image_size)
     species = None
     if args.species:
@@ -331,7 +442,7 @@ def cmd_edit(args) -> int:
 
         species = resolve_species(model, args.species)
     request = EditRequest(args.sampler, args.steps, args.strength, args.num, args.seed, args.eta, species,
-                          args.guidance)
+                          args.guidance, args.guide_weight, args.guide_interval)
     request.validate()
     total = max(1, round(args.strength * args.steps))
     last, seconds = run_steps(sdedit_steps(model, image, request), total, f"Editing (strength {args.strength:g})")
@@ -345,11 +456,12 @@ def cmd_inpaint(args) -> int:
 
     from .editing import RePaintSampler, inpaint_steps, make_mask
 
-    model = load_model(args.model, pick_device(args.device))
+    model = load_guided_model(args, pick_device(args.device))
     size = model.network_config.image_size
     image = read_picture(args.image, size)
     mask = make_mask(args.mask, size, tuple(args.box) if args.box else None)
-    steps = inpaint_steps(model, image, mask, args.steps, args.resample, args.num, args.seed)
+    steps = inpaint_steps(model, image, mask, args.steps, args.resample, args.num, args.seed, args.guide_weight,
+                          args.guide_interval)
     total = RePaintSampler(model.schedule, args.steps, image, mask, args.resample).evaluations
     last, seconds = run_steps(steps, total, f"Inpainting ({args.mask})")
     shown = image * mask + (1 - mask) * torch.tensor([1.0, -1.0, 1.0]).view(1, 3, 1, 1)  # the hole in magenta
@@ -401,8 +513,22 @@ def cmd_export(args) -> int:
     elif args.steps is not None:
         raise TrainingError(f"{args.run}: --steps picks a student of a distillation run; this is a training run")
     else:
-        folder = export_with_card(args.run, args.to, half=not args.fp32, heldout_batches=args.heldout_batches)
+        interval = parse_interval(args.guide_interval, TrainConfig.from_dict(json.loads(
+            (Path(args.run) / "config.json").read_text())).noise_steps) if args.guide_interval else None
+        folder = export_with_card(args.run, args.to, half=not args.fp32, heldout_batches=args.heldout_batches,
+                                  guide=args.guide, guide_weight=args.guide_weight, interval=interval,
+                                  step=args.checkpoint_step, guides=args.guides)
     print(f"Wrote model folder {folder}")
+    return 0
+
+
+def cmd_set_guide(args) -> int:
+    from .modelcard import set_guide
+
+    model = load_model(args.model, guide=NO_GUIDE)
+    interval = parse_interval(args.guide_interval, model.schedule.num_steps) if args.guide_interval else None
+    set_guide(args.model, args.guide, args.guide_weight, interval)
+    print(f"{args.model}: " + ("no guide" if args.guide == NO_GUIDE else f"autoguided by {args.guide} by default"))
     return 0
 
 

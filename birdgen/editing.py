@@ -21,7 +21,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .checkpoint import BirdModel
 from .data import to_model_range
-from .pipeline import MAX_GUIDANCE, check_student_sampler
+from .guidance import GUIDE_WEIGHT_RANGE, SPECIES_WEIGHT_RANGE, GuidanceError, check_weight
+from .pipeline import check_student_sampler
 from .samplers import DDIMSampler, Sampler, SamplerStep, initial_noise, make_sampler
 
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to 120 MB; more is refused before decoding
@@ -123,11 +124,14 @@ def species_weights(model: BirdModel, species_a: int, species_b: int, frames: in
 
 
 def interpolation_steps(model: BirdModel, seed_a: int, seed_b: int, frames: int = 9, steps: int = 50,
-                        species: tuple[int, int] | None = None, guidance: float = 3.0) -> Iterator[SamplerStep]:
+                        species: tuple[int, int] | None = None, guidance: float | None = None,
+                        guide_weight: float | None = None, interval: tuple[int, int] | None = None
+                        ) -> Iterator[SamplerStep]:
     """Deterministic DDIM from each interpolated x_T, so the first and last frames are exactly
     the two seeds' own DDIM samples. For a species model, `species` (two class indices) also
     moves the species label from the first to the second by mixing their class embeddings,
-    guided with `guidance`; with seed_a == seed_b only the species changes."""
+    guided with `guidance`; with seed_a == seed_b only the species changes. `guide_weight` and
+    `interval`: autoguidance, as in `GenerationRequest` (None: the model's defaults)."""
     noise = interpolation_noise(model, seed_a, seed_b, frames)
     labels = None
     if species is not None:
@@ -136,7 +140,8 @@ def interpolation_steps(model: BirdModel, seed_a: int, seed_b: int, frames: int 
         require_species_model(model)
         labels = species_weights(model, *species, frames)
     check_student_sampler(model, "ddim", steps)
-    yield from DDIMSampler(model.schedule, steps, eta=0.0).steps(model.denoiser(labels, guidance), noise)
+    denoiser = model.denoiser(labels, model.resolve_guidance(guidance, guide_weight, interval))
+    yield from DDIMSampler(model.schedule, steps, eta=0.0).steps(denoiser, noise)
 
 
 # --- SDEdit: variations and image-to-image -------------------------------------------------
@@ -158,7 +163,9 @@ class EditRequest:
     seed: int = 0
     eta: float = 0.0
     species: int | None = None  # a species model's class index: turn the picture into that species
-    guidance: float = 3.0  # with species
+    guidance: float | None = None  # species guidance with species; None: the model's default
+    guide_weight: float | None = None  # autoguidance w; None: the model's default, 1: off
+    interval: tuple[int, int] | None = None  # timesteps where guidance applies; None: the model's
 
     def validate(self) -> None:
         if not 0 <= self.strength <= 1:
@@ -167,8 +174,13 @@ class EditRequest:
             raise EditError(f"number of images {self.num_images} out of range [1, 64]")
         if not 0 <= self.seed < 2**63:
             raise EditError(f"seed {self.seed} out of range [0, 2^63)")
-        if not 0 <= self.guidance <= MAX_GUIDANCE:
-            raise EditError(f"guidance {self.guidance} out of range [0, {MAX_GUIDANCE:g}]")
+        try:
+            for name, value, bounds in (("guidance", self.guidance, SPECIES_WEIGHT_RANGE),
+                                        ("guide weight", self.guide_weight, GUIDE_WEIGHT_RANGE)):
+                if value is not None:
+                    check_weight(name, value, bounds)
+        except GuidanceError as error:
+            raise EditError(str(error)) from None
 
 
 def sdedit_steps(model: BirdModel, image: torch.Tensor, request: EditRequest) -> Iterator[SamplerStep]:
@@ -198,7 +210,8 @@ def sdedit_steps(model: BirdModel, image: torch.Tensor, request: EditRequest) ->
         x_t = noise
     else:
         x_t = model.schedule.add_noise(x0, noise, torch.full((request.num_images,), start, device=model.device))
-    yield from shortened.steps(model.denoiser(labels, request.guidance), x_t, generator)
+    guidance = model.resolve_guidance(request.guidance, request.guide_weight, request.interval)
+    yield from shortened.steps(model.denoiser(labels, guidance), x_t, generator)
 
 
 # --- RePaint: inpainting --------------------------------------------------------------------
@@ -280,8 +293,10 @@ class RePaintSampler(Sampler):
 
 
 def inpaint_steps(model: BirdModel, image: torch.Tensor, mask: torch.Tensor, steps: int = 50, resample: int = 1,
-                  num_images: int = 4, seed: int = 0) -> Iterator[SamplerStep]:
-    """Regenerates the masked part of `image` (num_images different fillings)."""
+                  num_images: int = 4, seed: int = 0, guide_weight: float | None = None,
+                  interval: tuple[int, int] | None = None) -> Iterator[SamplerStep]:
+    """Regenerates the masked part of `image` (num_images different fillings); `guide_weight`
+    and `interval` as in `GenerationRequest`."""
     if not 1 <= num_images <= 64:
         raise EditError(f"number of images {num_images} out of range [1, 64]")
     if model.sampling is not None:
@@ -292,4 +307,5 @@ def inpaint_steps(model: BirdModel, image: torch.Tensor, mask: torch.Tensor, ste
         raise EditError(f"image and mask must be {size}×{size} for this model")
     noise, generator = initial_noise(num_images, size, seed, model.device, channels)
     sampler = RePaintSampler(model.schedule, steps, image.to(model.device), mask.to(model.device), resample)
-    yield from sampler.steps(model.denoiser(), noise, generator)
+    guidance = model.resolve_guidance(guide_weight=guide_weight, interval=interval)
+    yield from sampler.steps(model.denoiser(guidance=guidance), noise, generator)

@@ -22,11 +22,10 @@ import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
-from tqdm.auto import tqdm
 
 from .checkpoint import METRICS_FILE, BirdModel, atomic_write_text, read_metrics_file
 from .data import CubCrops, cache_dir, recover_split, to_uint8
-from .features import FEATURE_LABELS, FEATURE_SPACES, INCEPTION_ENV, INCEPTION_FILE
+from .features import FEATURE_LABELS
 from .pipeline import GenerationRequest, generate
 from .utils import grid_image
 
@@ -225,7 +224,9 @@ class EvalSettings:
     batch_size: int = 64
     seed: int = 0
     memorization: bool = True
-    guidance: float = 3.0  # species models: their samples follow the reference crops' species, guided by this
+    guidance: float | None = None  # species models follow the reference crops' species with this; None: the model's
+    guide_weight: float | None = None  # autoguidance w; None: the model's default, 1: off
+    interval: tuple[int, int] | None = None  # timesteps where guidance applies; None: the model's default
 
     def validate(self) -> None:
         if self.reference not in ("heldout", "train"):
@@ -254,16 +255,46 @@ def generate_uint8(model: BirdModel, settings: EvalSettings, progress: Progress 
     settings = resolve_sampler(model, settings)
     while done < settings.num_samples:
         count = min(settings.batch_size, settings.num_samples - done)
-        request = GenerationRequest(settings.sampler, settings.steps, count, settings.seed + done, settings.eta)
+        request = GenerationRequest(settings.sampler, settings.steps, count, settings.seed + done, settings.eta,
+                                    guide_weight=settings.guide_weight, interval=settings.interval)
         if species:  # one image per label: num_images 1 of each species in the batch, in order
             labels = tuple(species[(done + i) % len(species)] for i in range(count))
-            request = GenerationRequest(settings.sampler, settings.steps, 1, settings.seed + done, settings.eta,
-                                        labels, settings.guidance)
+            request = replace(request, num_images=1, species=labels, guidance=settings.guidance)
         chunks.append(to_uint8(generate(model, request).images))
         done += count
         if progress:
             progress("generating", done, settings.num_samples)
     return torch.cat(chunks)
+
+
+def species_accuracy(train_features: torch.Tensor, train_labels: np.ndarray, heldout_features: torch.Tensor,
+                     heldout_labels: np.ndarray, generated_features: torch.Tensor, requested: np.ndarray,
+                     names: dict[int, str], seed: int = 0) -> dict:
+    """A species classifier (multinomial logistic regression on standardised features of the
+    training crops and their mirror images) scores the held-out crops, which is the ceiling
+    a perfect generator would reach, and the generated images against the species each was
+    asked for: top-1 and top-5 accuracy, and per species."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000, random_state=seed))
+    classifier.fit(train_features.numpy(), train_labels)
+    known = classifier.classes_
+
+    def scores(features: torch.Tensor, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ranked = known[np.argsort(-classifier.predict_proba(features.numpy()), axis=1)]
+        return ranked[:, 0] == labels, (ranked[:, :5] == labels[:, None]).any(axis=1)
+
+    heldout_top1, heldout_top5 = scores(heldout_features, heldout_labels)
+    top1, top5 = scores(generated_features, requested)
+    per_species = {names[int(c)]: round(float(top1[requested == c].mean()), 3) for c in np.unique(requested)}
+    result = {"classes": len(known), "chance_top1": 1 / len(known),
+              "heldout_top1": float(heldout_top1.mean()), "heldout_top5": float(heldout_top5.mean()),
+              "generated_top1": float(top1.mean()), "generated_top5": float(top5.mean()),
+              "per_species_top1": per_species}
+    result["relative_top1"] = result["generated_top1"] / max(result["heldout_top1"], 1e-9)
+    return result
 
 
 def evaluate(model: BirdModel, crops: CubCrops, settings: EvalSettings, extractor: nn.Module, identity: str,
@@ -272,6 +303,9 @@ def evaluate(model: BirdModel, crops: CubCrops, settings: EvalSettings, extracto
     model's own split."""
     settings.validate()
     settings = resolve_sampler(model, settings)
+    guidance = model.resolve_guidance(settings.guidance, settings.guide_weight, settings.interval)
+    settings = replace(settings, guidance=guidance.species_weight, guide_weight=guidance.guide_weight,
+                       interval=guidance.interval or (0, model.schedule.num_steps - 1))
     started = time.perf_counter()
     where = str(model.path or model.name)
     train_indices, heldout_indices = recover_split(model.data, crops, where)
@@ -295,8 +329,10 @@ def evaluate(model: BirdModel, crops: CubCrops, settings: EvalSettings, extracto
     features["reference"] = crops_features(settings.reference)
     species = None
     if model.conditional:  # the same mix of species as the real crops compared with
-        index_of = {class_id: index for index, (class_id, _) in enumerate(model.species)}
-        species = [index_of[int(c)] for c in crops.labels[reference] if int(c) in index_of]
+        from .species import species_index
+
+        species = [species_index(model, int(c)) for c in crops.labels[reference]]
+        species = [index for index in species if index is not None]
     generated = generate_uint8(model, settings, progress, species)
     features["generated"] = extract_features(extractor, generated, settings.batch_size, device, progress,
                                              "generated images")
@@ -306,7 +342,16 @@ def evaluate(model: BirdModel, crops: CubCrops, settings: EvalSettings, extracto
               **scores, "num_real": len(reference), "num_generated": settings.num_samples,
               "reference_split": describe_split(model.data, settings.reference, len(reference)), **asdict(settings),
               "species": "those of the real crops, in turn" if species else "none (unconditional)",
+              "guide": model.guide.name if model.guide is not None and guidance.guide_weight != 1 else None,
               "feature_extractor": identity, "model": model.name, "image_size": model.network_config.image_size}
+    if species:
+        class_ids = np.array([model.species[index][0] for index in species])
+        requested = np.array([class_ids[i % len(class_ids)] for i in range(settings.num_samples)])
+        train_features = torch.cat([crops_features("train"), crops_features("train", mirrored=True)])
+        result["species_accuracy"] = species_accuracy(
+            train_features, np.tile(crops.labels[train_indices], 2), crops_features("heldout"),
+            crops.labels[heldout_indices], features["generated"], requested,
+            {class_id: name for class_id, name in model.species}, settings.seed)
     if settings.memorization:
         train_features = torch.cat([crops_features("train"), crops_features("train", mirrored=True)])
         train_images = crops.images[train_indices]
@@ -379,6 +424,10 @@ def summary(metrics: dict) -> str:
             f" {metrics['precision']:.2f} · recall {metrics['recall']:.2f} in {metrics['feature_space']} features"
             f" ({metrics['num_generated']} generated vs {metrics['num_real']} real, {metrics['sampler']}"
             f" {metrics['steps']} steps)")
+    accuracy = metrics.get("species_accuracy")
+    if accuracy:
+        text += (f" · species accuracy top-1 {accuracy['generated_top1']:.1%} / top-5 {accuracy['generated_top5']:.1%}"
+                 f" (held-out real crops: {accuracy['heldout_top1']:.1%} / {accuracy['heldout_top5']:.1%})")
     memo = metrics.get("memorization")
     if memo:
         text += (f" · memorization: median distance ratio {memo['pixel']['median_ratio']:.2f} (pixels),"
@@ -386,62 +435,30 @@ def summary(metrics: dict) -> str:
     return text
 
 
-def add_eval_parser(commands) -> None:
-    parser = commands.add_parser("eval", help="FD/KID, precision/recall and a memorization check against real crops")
-    parser.add_argument("--model", required=True, help="model folder or Hub id")
-    parser.add_argument("--data", required=True, help="the CUB_200_2011 folder the model trained on")
-    parser.add_argument("--features", choices=("auto", *FEATURE_SPACES), default="auto",
-                        help="inception (standard FID weights, needed once) or mobilenet (ships with birdgen, offline);"
-                             " auto: inception where its weights are present, else mobilenet")
-    parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
-                        help="real crops to compare with: the model's held-out crops (default) or its training crops")
-    parser.add_argument("--num-samples", type=int, default=1000, help=f"generated images (at least {MIN_SAMPLES})")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp"),
-                        help=f"default: a distilled student's own, else {EVAL_SAMPLING[0]} {EVAL_SAMPLING[1]}")
-    parser.add_argument("--steps", type=int, help="network evaluations (default: the sampler's)")
-    parser.add_argument("--eta", type=float, default=0.0)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-memorization", action="store_true", help="skip the nearest-training-crop check")
-    parser.add_argument("--guidance", type=float, default=3.0,
-                        help="species models: samples follow the species of the real crops, with this guidance")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--inception-weights", help=f"path to {INCEPTION_FILE} (else ${INCEPTION_ENV} or the torch hub cache)")
-    parser.set_defaults(handler=cmd_eval)
-
-
-def cmd_eval(args) -> int:
-    from .checkpoint import load_model
+def run_evaluation(model: BirdModel, data_root: str | os.PathLike, settings: EvalSettings, features: str = "auto",
+                   inception_weights: str | None = None, progress: Progress | None = None,
+                   notify: Callable[[str], None] | None = None) -> Evaluation:
+    """`birdgen eval` and the Metrics page: picks the feature space (failing before any work),
+    loads the crops the model trained on, checks its split, then `evaluate`s."""
     from .data import load_crops
     from .features import choose_feature_space, load_extractor
-    from .modelcard import update_card_quality
-    from .utils import pick_device
 
-    settings = EvalSettings(args.split, args.num_samples, args.sampler, args.steps, args.eta, args.batch_size,
-                            args.seed, not args.no_memorization, args.guidance)
     settings.validate()
-    feature_space, note = choose_feature_space(args.features, args.inception_weights)  # fails before any work
-    print(note)
-    extractor = load_extractor(feature_space, args.inception_weights)
-    device = pick_device(args.device)
-    model = load_model(args.model, device)
+    feature_space, note = choose_feature_space(features, inception_weights)
+    if notify:
+        notify(note)
+    extractor = load_extractor(feature_space, inception_weights)
     record = model.data or {}
-    crops = load_crops(args.data, model.network_config.image_size, record.get("crop", "square"),
-                       record.get("padding", 0.1))
-    recover_split(model.data, crops, args.model)  # a wrong dataset fails before generating anything
-    bars: dict[str, tqdm] = {}
+    crops = load_crops(data_root, model.network_config.image_size, record.get("crop", "square"),
+                       record.get("padding", 0.1), progress=False)
+    recover_split(model.data, crops, str(model.path or model.name))  # a wrong dataset fails before generating
+    return evaluate(model, crops, settings, extractor, extractor.identity, feature_space, progress)
 
-    def progress(stage: str, done: int, total: int) -> None:
-        bar = bars.setdefault(stage, tqdm(total=total, desc=stage.capitalize(), unit="img"))
-        bar.update(done - bar.n)
 
-    evaluation = evaluate(model, crops, settings, extractor, extractor.identity, feature_space, progress)
-    for bar in bars.values():
-        bar.close()
-    if Path(args.model).is_dir():  # never into the Hub cache
-        path = write_metrics(model, evaluation)
-        update_card_quality(model.path)
-        print(f"{summary(evaluation.metrics)}\nwrote {path}")
-    else:
-        print(summary(evaluation.metrics))
-    return 0
+def save_evaluation(model: BirdModel, evaluation: Evaluation) -> Path:
+    """metrics.json, the closest pairs and the card's Quality section of a local model folder."""
+    from .modelcard import update_card_quality
+
+    path = write_metrics(model, evaluation)
+    update_card_quality(model.path)
+    return path

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CARD_FILE, METRICS_FILE, atomic_write_text, load_model, read_metrics_file
+from .checkpoint import CARD_FILE, METRICS_FILE, atomic_write_text, load_model, read_config, read_metrics_file
 from .data import load_crops, split_record
 from .diffusion import heldout_loss
+from .guidance import GUIDE_WEIGHT, NO_GUIDE, SPECIES_WEIGHT, GuidanceRecord
 from .samplers import DDIMSampler, initial_noise, run_to_end
 from .training_loop import TrainConfig, export_run, read_metrics
 from .utils import save_grid
 
 GRID_SEED = 0
-CARD_GUIDANCE = 3.0
 
 
 def plot_loss(records: list[dict], path: Path) -> None:
@@ -36,19 +36,106 @@ def plot_loss(records: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def guidance_record_for_export(out: Path, guide: str | None, guide_weight: float | None,
+                               interval: tuple[int, int] | None) -> dict | None:
+    """The guidance record a model folder gets: one naming `guide` (its path relative to the
+    folder), else the record the folder already has, so that re-exporting keeps the link."""
+    out = Path(out)
+    if guide is None:
+        if not (out / "config.json").is_file():
+            return None
+        existing = read_config(out)[2].get("guidance")
+        return existing.to_dict() if existing else None
+    record = GuidanceRecord(os.path.relpath(Path(guide).resolve(), out.resolve()),
+                            GUIDE_WEIGHT if guide_weight is None else guide_weight, interval=interval)
+    return record.to_dict()
+
+
+def set_guide(folder: str | os.PathLike, guide: str, guide_weight: float | None = None,
+              interval: tuple[int, int] | None = None) -> Path:
+    """Names `guide` as the default autoguidance of the model folder (config.json and card),
+    after checking that it can guide it; `guide` "none" removes the link."""
+    folder = Path(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    if guide == NO_GUIDE:
+        raw.pop("guidance", None)
+    else:
+        record = guidance_record_for_export(folder, guide, guide_weight, interval)
+        raw["guidance"] = {**raw.get("guidance", {}), **record}
+    atomic_write_text(folder / "config.json", json.dumps(raw, indent=2) + "\n")
+    load_model(folder)  # a guide that cannot guide fails here, naming the problem
+    update_card_section(folder, AUTOGUIDANCE_HEADING, guidance_section(load_model(folder)))
+    return folder
+
+
+AUTOGUIDANCE_HEADING = "## Autoguidance"
+
+
+def guidance_section(model) -> str:
+    """The card's autoguidance section: what guides the model by default and how to turn it off."""
+    if model.guide is None:
+        return ""
+    resolved = model.resolve_guidance()
+    where = (f" for timesteps {resolved.interval[0]}–{resolved.interval[1]} only (of 0–{model.schedule.num_steps - 1},"
+             " 0 least noisy)") if resolved.interval else " at every step"
+    return f"""{AUTOGUIDANCE_HEADING}
+This model samples with **autoguidance** (Karras et al. 2024) by default: every step also runs a smaller,
+shorter-trained model of the same task, `{model.guide.name}` ({model.guide.parameter_count:,} parameters), and
+moves the prediction away from the guide's, D = D_guide + w (D_main − D_guide), with w = {resolved.guide_weight:g}{where}.
+The guide's errors are the kind a weak model makes (blur, smeared shapes), so stepping away from them gives
+cleaner birds without labels and without losing variety. Each guided step costs one pass of the guide, about
+{model.guide.flops_per_image / model.flops_per_image:.2f}× a pass of this model. `--guide none` (or the app's
+toggle) samples without it; `--guide-weight W` and `--guide-interval LOW,HIGH|all` change it.
+
+"""
+
+
+def guide_purpose_section(guide, main: str) -> str:
+    return f"""## What it is for
+This is the **autoguidance guide** of `{main}`, not a model to sample birds with: on its own it gives poor,
+blurry birds, and that is what makes it useful. Sampling `{main}` runs it beside the main model and steers away
+from its predictions (see that model's card). It shares the main model's schedule, prediction target, image
+size and training split.
+
+"""
+
+
+def update_card_section(folder: Path, heading: str, section: str) -> None:
+    """Replaces the card's section under `heading` (or adds it before the quality section)."""
+    path = Path(folder) / CARD_FILE
+    card = path.read_text() if path.is_file() else f"# {Path(folder).name}\n"
+    if heading + "\n" in card:
+        start = card.index(heading + "\n")
+        following = card.find("\n## ", start + 1)
+        card = card[:start] + section + (card[following + 1:] if following != -1 else "")
+    elif QUALITY_HEADING + "\n" in card:
+        start = card.index(QUALITY_HEADING + "\n")
+        card = card[:start] + section + card[start:]
+    else:
+        card = card.rstrip("\n") + "\n\n" + section
+    atomic_write_text(path, card)
+
+
 def export_with_card(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = True,
-                     heldout_batches: int = 4) -> Path:
+                     heldout_batches: int = 4, guide: str | None = None, guide_weight: float | None = None,
+                     interval: tuple[int, int] | None = None, step: int | None = None,
+                     guides: str | None = None) -> Path:
+    """`birdgen export` for a training run. `guide`…: the autoguidance to name in the folder's
+    config (else the link it already has is kept); `step`: a checkpoint other than the latest;
+    `guides`: this model is the guide of that model (its card says so)."""
     run_dir, out = Path(run_dir), Path(out)
     config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     crops = load_crops(config.data, config.image_size, config.crop, config.padding, progress=False)
+    guidance = guidance_record_for_export(out, guide, guide_weight, interval)
     export_run(run_dir, out, half=half, data=split_record(crops, config.data, config.crop, config.padding, config.split,
-                                                           config.seed, config.test_fraction, config.train_on))
+                                                           config.seed, config.test_fraction, config.train_on),
+               guidance=guidance, step=step)
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     model = load_model(out)
 
     noise, generator = initial_noise(64, config.image_size, GRID_SEED)
     labels = torch.arange(64) % model.network_config.num_classes if model.conditional else None
-    denoiser = model.denoiser(labels, CARD_GUIDANCE)
+    denoiser = model.denoiser(labels, model.resolve_guidance(SPECIES_WEIGHT, guide_weight=1.0))
     images = run_to_end(DDIMSampler(model.schedule, min(50, model.schedule.num_steps)), denoiser, noise, generator)
     save_grid(images, out / "samples.png", columns=8)
     records = read_metrics(run_dir)
@@ -94,8 +181,8 @@ birdgen train --out {run_dir} {command_flags(config)}
 
 {quality_section(read_metrics_file(out / METRICS_FILE), out)}
 
-{species_section(model)}## Samples
-DDIM, 50 steps, seed {GRID_SEED}{f", species 1, 2, 3, … in reading order, guidance {CARD_GUIDANCE:g}" if model.conditional else ""}:
+{guidance_section(model)}{guide_purpose_section(model, guides) if guides else ''}{species_section(model)}## Samples
+DDIM, 50 steps, seed {GRID_SEED}{f", species 1, 2, 3, … in reading order, guidance {SPECIES_WEIGHT:g}" if model.conditional else ""}:
 
 ![samples](samples.png)
 
@@ -152,18 +239,30 @@ def quality_section(evaluations: dict[str, dict], folder: Path) -> str:
         lines.append("Not measured yet. Run `birdgen eval --model THIS_FOLDER --data CUB_200_2011` (works offline with"
                      " the MobileNet features that ship with birdgen).")
         return "\n".join(lines) + "\n"
-    lines += ["", "| features | generated | real crops | sampler | FD | KID | precision | recall |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| features | generated | real crops | sampler | guide | FD | KID | precision | recall |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for space, m in sorted(evaluations.items()):
         precision = f"{m['precision']:.3f}" if "precision" in m else "–"
         recall = f"{m['recall']:.3f}" if "recall" in m else "–"
+        guide = "none"
+        if m.get("guide"):
+            interval = m.get("interval")
+            guide = f"`{m['guide']}`, w {m['guide_weight']:g}" + (f", t {interval[0]}–{interval[1]}" if interval else "")
         lines.append(f"| {m.get('feature_label', space)} | {m['num_generated']:,} | {m.get('reference_split', m.get('split'))}"
-                     f" | {m['sampler']} {m['steps']} | {m['fid']:.2f} | {m['kid_mean']:.4f} ± {m['kid_std']:.4f}"
-                     f" | {precision} | {recall} |")
+                     f" | {m['sampler']} {m['steps']} | {guide} | {m['fid']:.2f} | {m['kid_mean']:.4f} ±"
+                     f" {m['kid_std']:.4f} | {precision} | {recall} |")
     guided = [(space, m) for space, m in sorted(evaluations.items()) if m.get("species", "").startswith("those")]
     for space, m in guided:
         lines += ["", f"{space}: a species model, so its samples follow the species of the real crops in turn, with"
                       f" guidance {m['guidance']:g}."]
+        accuracy = m.get("species_accuracy")
+        if accuracy:
+            lines += ["", f"Species accuracy ({accuracy['classes']}-way logistic regression on {space} features of the"
+                          " training crops): generated samples top-1"
+                          f" {accuracy['generated_top1']:.1%}, top-5 {accuracy['generated_top5']:.1%}; the held-out real"
+                          f" crops (the ceiling) {accuracy['heldout_top1']:.1%} / {accuracy['heldout_top5']:.1%};"
+                          f" chance {accuracy['chance_top1']:.1%}. Samples reach"
+                          f" {accuracy['relative_top1']:.0%} of the real crops' top-1."]
     if "mobilenet" in evaluations:
         lines += ["", "MobileNet distances are on their own scale: they are not comparable with published Inception FIDs"
                       " (such as the original report's 92.47). Compare them only with other MobileNet numbers at the same"

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import BirdModel
-from .samplers import Sampler, SamplerStep, initial_noise, make_sampler
+from .guidance import GUIDE_WEIGHT_RANGE, SPECIES_WEIGHT_RANGE, ResolvedGuidance, check_weight
+from .samplers import Denoiser, Sampler, SamplerStep, initial_noise, make_sampler
 
 MAX_IMAGES = 256
-MAX_GUIDANCE = 15.0
 
 
 # What a model samples with when the user names no sampler, unless it is a distilled student:
@@ -31,7 +31,9 @@ class GenerationRequest:
     seed: int = 0
     eta: float = 0.0  # DDIM only, [0, 1]
     species: tuple[int, ...] = ()  # class indices of a species model: num_images of each, one row per species
-    guidance: float = 1.0  # classifier-free guidance w, [0, MAX_GUIDANCE]: 0 ignores the species, 1 plain conditional
+    guidance: float | None = None  # species guidance w (guidance.SPECIES_WEIGHT_RANGE); None: the model's default
+    guide_weight: float | None = None  # autoguidance w (guidance.GUIDE_WEIGHT_RANGE); None: the model's; 1: off
+    interval: tuple[int, int] | None = None  # timesteps where guidance applies; None: the model's default
 
     @property
     def total_images(self) -> int:
@@ -42,8 +44,10 @@ class GenerationRequest:
             raise ValueError(f"number of images {self.num_images} out of range [1, {MAX_IMAGES}]")
         if self.total_images > MAX_IMAGES:
             raise ValueError(f"{self.num_images} images × {len(self.species)} species is more than {MAX_IMAGES}")
-        if not 0 <= self.guidance <= MAX_GUIDANCE:
-            raise ValueError(f"guidance {self.guidance} out of range [0, {MAX_GUIDANCE:g}]")
+        if self.guidance is not None:
+            check_weight("guidance", self.guidance, SPECIES_WEIGHT_RANGE)
+        if self.guide_weight is not None:
+            check_weight("guide weight", self.guide_weight, GUIDE_WEIGHT_RANGE)
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed {self.seed} out of range [0, 2^63)")
 
@@ -87,10 +91,15 @@ def check_student_sampler(model: BirdModel, sampler: str, steps: int | None, eta
                          " sampler and steps unset, or use its teacher)")
 
 
-def generation_steps(model: BirdModel, request: GenerationRequest,
-                     noise: torch.Tensor | None = None) -> Iterator[SamplerStep]:
+def request_denoiser(model: BirdModel, request: GenerationRequest, labels: torch.Tensor | None = None) -> Denoiser:
+    return model.denoiser(labels, model.resolve_guidance(request.guidance, request.guide_weight, request.interval))
+
+
+def generation_steps(model: BirdModel, request: GenerationRequest, noise: torch.Tensor | None = None,
+                     denoiser: list | None = None) -> Iterator[SamplerStep]:
     """Yields every sampler step for this request. `noise` overrides the seeded x_T (the
-    Compare page passes the same noise to two models)."""
+    Compare page passes the same noise to two models); `denoiser`, a list, receives the
+    Denoiser that runs, whose `passes` then count the network evaluations."""
     sampler = make_request_sampler(model, request)
     labels = None
     if request.species:
@@ -103,7 +112,10 @@ def generation_steps(model: BirdModel, request: GenerationRequest,
     seeded, generator = initial_noise(request.total_images, model.network_config.image_size, request.seed,
                                       model.device, model.network_config.in_channels)
     x_t = seeded if noise is None else noise.to(model.device)
-    yield from sampler.steps(model.denoiser(labels, request.guidance), x_t, generator)
+    running = request_denoiser(model, request, labels)
+    if denoiser is not None:
+        denoiser.append(running)
+    yield from sampler.steps(running, x_t, generator)
 
 
 @dataclass
@@ -111,19 +123,33 @@ class Generation:
     images: torch.Tensor  # float NCHW in model range [-1, 1]
     seconds: float
     steps: int
+    passes: dict[str, int]  # network forward passes per image: {"main": …, "guide": …}
+    guidance: ResolvedGuidance
+
+    def cost_text(self, model: BirdModel) -> str:
+        """'10 evaluations of small-attn + 8 of its guide small-attn-guide (1.27× the unguided cost)',
+        or '10 network evaluations'."""
+        main, guide = self.passes["main"], self.passes["guide"]
+        if not guide:
+            return f"{main} network evaluation{'s' if main != 1 else ''}"
+        ratio = (main * model.flops_per_image + guide * model.guide.flops_per_image) / (
+            self.steps * model.flops_per_image)
+        return (f"{main} evaluations of {model.name} + {guide} of its guide"
+                f" {model.guide.name} ({ratio:.2f}× the unguided cost)")
 
 
 def generate(model: BirdModel, request: GenerationRequest, noise: torch.Tensor | None = None,
              on_step=None) -> Generation:
     """Runs all steps. `on_step(step)` may return True to cancel, which raises `Cancelled`."""
     started = time.perf_counter()
-    last = None
-    for last in generation_steps(model, request, noise):
+    last, running = None, []
+    for last in generation_steps(model, request, noise, running):
         if on_step is not None and on_step(last):
             raise Cancelled(f"cancelled after {last.index + 1} of {last.num_steps} steps")
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
-    return Generation(last.x, time.perf_counter() - started, last.num_steps)
+    return Generation(last.x, time.perf_counter() - started, last.num_steps, dict(running[0].passes),
+                      model.resolve_guidance(request.guidance, request.guide_weight, request.interval))
 
 
 class Cancelled(Exception):

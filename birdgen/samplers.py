@@ -38,50 +38,84 @@ class SamplerStep:
 class Denoiser:
     """Wraps a network and its schedule into (x_t, t) -> (x_0, eps) estimates.
 
-    `autocast_dtype` (torch.bfloat16 or torch.float16) runs the network under autocast on
+    `autocast_dtype` (torch.bfloat16 or torch.float16) runs the networks under autocast on
     the input's device; the estimates are always float32.
 
     For a class-conditional network, `labels` (one class index per image, or class weights per
     image that mix species, see `UNet.forward`) and `guidance` w
     apply classifier-free guidance (Ho & Salimans 2022, eq. 6) to the network's output:
     out = out_uncond + w (out_cond - out_uncond), both halves in one batched forward pass.
-    w = 1 is the plain conditional output (one pass), w = 0 the unconditional one. The
-    combination is linear in the output, so it holds for epsilon and v targets alike.
+    w = 1 is the plain conditional output (one pass), w = 0 the unconditional one.
+
+    With a `guide` network (a weaker model of the same task, schedule and target), autoguidance
+    (Karras et al. 2024, eq. 2) moves the output away from the guide's:
+    out = out_guide + guide_weight (out_main - out_guide); guide_weight 1 is the main network
+    alone (the guide is not run), 0 the guide alone. `interval` (low, high), in training
+    timesteps, limits both kinds of guidance to low <= t <= high (Kynkäänniemi et al. 2024);
+    elsewhere the output is the plain conditional one. Every combination is linear in the
+    output, so it holds for epsilon and v targets alike.
+
+    `passes` counts network forward passes per image, by network ("main", "guide"), for the
+    cost that captions and benchmarks report.
     """
 
     def __init__(self, model: torch.nn.Module, schedule: NoiseSchedule, autocast_dtype: torch.dtype | None = None,
-                 channels_last: bool = False, labels: torch.Tensor | None = None, guidance: float = 1.0):
+                 channels_last: bool = False, labels: torch.Tensor | None = None, guidance: float = 1.0,
+                 guide: torch.nn.Module | None = None, guide_weight: float = 1.0,
+                 interval: tuple[int, int] | None = None):
         self.model = model
         self.schedule = schedule
         self.autocast_dtype = autocast_dtype
         self.channels_last = channels_last
         self.labels = labels
         self.guidance = guidance
+        self.guide = guide
+        self.guide_weight = guide_weight
+        self.interval = interval
+        self.passes = {"main": 0, "guide": 0}
+
+    def guided_at(self, t: int) -> bool:
+        return self.interval is None or self.interval[0] <= t <= self.interval[1]
 
     def output(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         """The network's guided output at one timestep, float32."""
         timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        inside = self.guided_at(t)
+        species_weight = self.guidance if inside else 1.0
+        guide_weight = self.guide_weight if inside and self.guide is not None else 1.0
+        if guide_weight == 0:
+            return self._species_output(self.guide, "guide", x_t, timesteps, min(species_weight, 1.0))
+        main = self._species_output(self.model, "main", x_t, timesteps, species_weight)
+        if guide_weight == 1:
+            return main
+        # The guide follows the label the main network follows (none where species_weight is 0).
+        guide = self._species_output(self.guide, "guide", x_t, timesteps, min(species_weight, 1.0))
+        return guide.lerp(main, guide_weight)
+
+    def _species_output(self, network, role: str, x_t, timesteps, weight: float) -> torch.Tensor:
         if self.labels is None:
-            return self._network(x_t, timesteps, None)
+            return self._network(network, role, x_t, timesteps, None)
         labels = self.labels.to(x_t.device)
-        null = torch.full(labels.shape[:1], self.model.null_class, device=x_t.device, dtype=torch.long)
+        null = torch.full(labels.shape[:1], network.null_class, device=x_t.device, dtype=torch.long)
         if labels.is_floating_point():  # class weights (N, num_classes + 1): the null class as weights too
             null = torch.nn.functional.one_hot(null, labels.shape[1]).to(labels.dtype)
-        if self.guidance == 1:
-            return self._network(x_t, timesteps, labels)
-        if self.guidance == 0:
-            return self._network(x_t, timesteps, null)
-        both = self._network(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), torch.cat([labels, null]))
+        if weight == 1:
+            return self._network(network, role, x_t, timesteps, labels)
+        if weight == 0:
+            return self._network(network, role, x_t, timesteps, null)
+        both = self._network(network, role, torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]),
+                             torch.cat([labels, null]), passes=2)
         conditional, unconditional = both.chunk(2)
-        return unconditional + self.guidance * (conditional - unconditional)
+        return unconditional + weight * (conditional - unconditional)
 
-    def _network(self, x_t, timesteps, labels) -> torch.Tensor:
+    def _network(self, network, role: str, x_t, timesteps, labels, passes: int = 1) -> torch.Tensor:
+        self.passes[role] += passes
         network_input = x_t.contiguous(memory_format=torch.channels_last) if self.channels_last else x_t
         context = (torch.autocast(x_t.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                    else nullcontext())
         with context:
-            output = self.model(network_input, timesteps) if labels is None else self.model(network_input, timesteps,
-                                                                                              labels)
+            output = network(network_input, timesteps) if labels is None else network(network_input, timesteps,
+                                                                                        labels)
         return output.float().contiguous()
 
     @torch.no_grad()

@@ -22,6 +22,11 @@ def species_names(model: BirdModel) -> list[str]:
     return [readable(name) for _, name in model.species or []]
 
 
+def species_index(model: BirdModel, class_id: int | None) -> int | None:
+    """The model's class index for a CUB class id, or None if it has no such species."""
+    return next((i for i, (known, _) in enumerate(model.species or []) if known == class_id), None)
+
+
 def require_species_model(model: BirdModel) -> None:
     if not model.conditional:
         raise SpeciesError(f"{model.name} is not a species model: it was trained without species labels and ignores"
@@ -35,9 +40,9 @@ def resolve_species(model: BirdModel, text: str) -> int:
     text = str(text).strip()
     names = species_names(model)
     if text.isdigit():
-        for index, (class_id, _) in enumerate(model.species):
-            if class_id == int(text):
-                return index
+        index = species_index(model, int(text))
+        if index is not None:
+            return index
         known = ", ".join(str(c) for c, _ in model.species[:5])
         raise SpeciesError(f"species id {text} is not one of the {len(names)} this model knows ({known}, …;"
                            " see `birdgen species`)")

@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_write_text, config_dict, save_model
 from .data import CubCrops, load_crops, random_flip, to_model_range
 from .diffusion import DiffusionConfig, DiffusionLoss, NoiseSchedule
+from .guidance import SPECIES_WEIGHT
 from .networks import UNet, UNetConfig, parameter_count, preset
 from .samplers import DDIMSampler, Denoiser, initial_noise, run_to_end
 from .utils import check_field_types, machine_description, save_grid
 
-PREVIEW_GUIDANCE = 3.0  # species models' previews: one species per image, guided
 # Settings that may change when a run is resumed; any other difference means another run.
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_threads",
                      "log", "progress", "compile", "max_nonfinite", "device", "precision", "channels_last",
@@ -637,7 +637,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, ove
         noise, sample_generator = initial_noise(config.sample_count, config.image_size, seed=1234, device=device)
         preview_labels = torch.arange(config.sample_count, device=device) % len(species) if species else None
         denoiser = Denoiser(ema.model, schedule, autocast_dtype, config.channels_last, preview_labels,
-                            PREVIEW_GUIDANCE)
+                            SPECIES_WEIGHT)  # species models' previews: one species per image, guided
         images = run_to_end(DDIMSampler(schedule, config.sample_steps), denoiser, noise, sample_generator)
         (run_dir / "samples").mkdir(exist_ok=True)
         save_grid(images, run_dir / "samples" / f"step-{step:07d}.png")
@@ -770,10 +770,16 @@ def initialise_from(model: UNet, folder: str, diffusion_config: DiffusionConfig)
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = True, card: str | None = None,
-               data: dict | None = None) -> Path:
-    """Writes the latest checkpoint's EMA weights as a model folder (with `data`, the split record)."""
+               data: dict | None = None, guidance: dict | None = None, step: int | None = None) -> Path:
+    """Writes the EMA weights of the latest checkpoint (or of the one at `step`) as a model folder
+    (with `data`, the split record, and `guidance`, the guidance record)."""
     run_dir = Path(run_dir)
-    latest = Checkpoints(run_dir, 1).latest()
+    complete = Checkpoints(run_dir, 1).complete()
+    if step is not None:
+        complete = [path for path in complete if path.name == f"step-{step:07d}"]
+        if not complete:
+            raise TrainingError(f"{run_dir}: no complete checkpoint at step {step}")
+    latest = complete[-1] if complete else None
     if latest is None:
         raise TrainingError(f"{run_dir}: no complete checkpoint to export")
     config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
@@ -786,4 +792,4 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = 
     training = {"steps": state["step"], "images_seen": state["images_seen"],
                 "train_hours": round(state["train_seconds"] / 3600, 2)}
     return save_model(out, network, network_config, config.diffusion_config(), half=half, card=card,
-                      training=training, data=data, species=species or None)
+                      training=training, data=data, species=species or None, guidance=guidance)

@@ -43,9 +43,8 @@ right.line_chart(pd.DataFrame({"signal √ᾱ_t": curves["signal"], "noise √(1
                  x_label="timestep t", height=260)
 
 st.header("Reverse process: from noise to a bird")
-species, guidance = ui.species_controls(model, "chain")
-request = ui.with_species(model, ui.sampler_controls("chain", max_images=4, default_images=1, model=model), species,
-                         guidance)
+choice = ui.guidance_controls(model, "chain")
+request = ui.with_guidance(model, ui.sampler_controls("chain", max_images=4, default_images=1, model=model), choice)
 if st.button("Run the sampler", type="primary", key="run_chain"):
     with ui.queued_turn():
         bar, on_step = ui.progress_callback()

@@ -6,6 +6,7 @@ import torch
 from birdgen import ui
 from birdgen.editing import (MASKS, EditError, EditRequest, RePaintSampler, inpaint_steps, interpolation_steps,
                              make_mask, sdedit_steps)
+from birdgen.species import species_index
 from birdgen.utils import grid_image
 from birdgen.visualize import png_bytes, to_gif
 
@@ -25,17 +26,19 @@ with interpolate:
     seed_b = columns[1].number_input("To seed", 0, 2**31 - 1, 7, key="lerp_b")
     frames = columns[2].slider("Frames", 3, 16, 9, key="lerp_frames")
     steps = ui.ddim_steps(model, columns[3], "lerp_steps")
-    species, guidance = None, 3.0
+    species, guidance = None, None
     if model.conditional:
         st.caption("A species model can also move from one species to another (with the same seed twice, only the "
                    "species changes).")
         columns = st.columns(3)
         pair = (ui.species_picker(model, "From species", "lerp_from", columns[0]),
                 ui.species_picker(model, "To species", "lerp_to", columns[1]))
-        guidance = ui.guidance_slider("lerp_guidance", None in pair, columns[2])
-        species = None if None in pair else tuple(ui.species_index(model, c) for c in pair)
+        guidance = ui.guidance_slider(model, "lerp_guidance", None in pair, columns[2])
+        species = None if None in pair else tuple(species_index(model, c) for c in pair)
+    lerp_guide = ui.guide_weight_control(model, "lerp")
     if st.button("Interpolate", type="primary", key="lerp_run"):
-        last = ui.run_steps(interpolation_steps(model, int(seed_a), int(seed_b), frames, steps, species, guidance),
+        last = ui.run_steps(interpolation_steps(model, int(seed_a), int(seed_b), frames, steps, species, guidance,
+                                                lerp_guide),
                             steps, "Interpolating", cancel_key="lerp_cancel")
         st.session_state["lerp"] = last.x.cpu()
     if "lerp" in st.session_state:
@@ -59,12 +62,12 @@ with vary:
     steps = ui.ddim_steps(model, columns[1], "vary_steps", help="of the whole schedule; strength × steps of them run")
     count = columns[2].number_input("Images", 1, 16, 8, key="vary_count")
     seed = columns[3].number_input("Seed", 0, 2**31 - 1, 0, key="vary_seed")
-    species, guidance = ui.species_controls(model, "vary")
+    choice = ui.guidance_controls(model, "vary")
     if picture is not None:
         st.image(grid_image(picture, padding=0).resize((128, 128)), caption="the input", width=128)
         if st.button("Make variations", type="primary", key="vary_run"):
             request = EditRequest("ddim", steps, float(strength), int(count), int(seed), 0.0,
-                                  ui.species_index(model, species), guidance)
+                                  species_index(model, choice.class_id), choice.species_weight, choice.guide_weight)
             last = ui.run_steps(sdedit_steps(model, picture, request), max(1, round(strength * steps)),
                                 "Editing", cancel_key="vary_cancel")
             st.session_state["varied"] = (grid_image(last.x.cpu()), strength)
@@ -88,6 +91,7 @@ with inpaint:
                                  help="RePaint's jumps back per step: more makes the new part fit better, and costs "
                                       "that many times the steps")
     count = columns[3].number_input("Images", 1, 8, 4, key="fill_count")
+    fill_guide = ui.guide_weight_control(model, "fill")
     box = None
     if kind == "box":
         columns = st.columns(2)
@@ -104,7 +108,7 @@ with inpaint:
                  caption="kept pixels; magenta is repainted", width=128)
         if st.button("Inpaint", type="primary", key="fill_run"):
             total = RePaintSampler(model.schedule, steps, picture, mask, resample).evaluations
-            last = ui.run_steps(inpaint_steps(model, picture, mask, steps, resample, int(count), 0), total,
+            last = ui.run_steps(inpaint_steps(model, picture, mask, steps, resample, int(count), 0, fill_guide), total,
                                 "Inpainting", cancel_key="fill_cancel")
             st.session_state["filled"] = grid_image(last.x.cpu())
     if "filled" in st.session_state:

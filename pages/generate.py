@@ -16,8 +16,8 @@ st.markdown("A diffusion model turns pure noise into a 64×64 bird, one denoisin
 controls, output = st.columns([1, 2])
 with controls:
     model = ui.model_picker(prefer="small-attn")
-    species, guidance = ui.species_controls(model, "gen")
-    request = ui.with_species(model, ui.sampler_controls("gen", model=model), species, guidance)
+    choice = ui.guidance_controls(model, "gen")
+    request = ui.with_guidance(model, ui.sampler_controls("gen", model=model), choice)
     pressed = st.button("Generate", type="primary", key="generate")
     cancelled = st.session_state.get("cancel", False)
 
@@ -30,15 +30,16 @@ with output:
             result = generate(model, request, on_step=on_step)
         bar.empty()
         cancel_slot.empty()
-        st.session_state["generated"] = (model.name, request, grid_image(result.images), result.seconds)
+        st.session_state["generated"] = (model.name, grid_image(result.images), result.seconds,
+                                         ui.generation_caption(model, request, result), request.num_images,
+                                         request.seed)
     elif cancelled:
         st.info("Generation cancelled.")
     if "generated" in st.session_state:
-        name, shown, image, seconds = st.session_state["generated"]
-        st.image(image, caption=f"{name} · {shown.sampler} · {shown.steps} steps · seed {shown.seed}"
-                 f"{ui.species_label(model, shown)}", width=560)
-        st.caption(f"{shown.num_images} images in {seconds:.1f} s · {ui.describe(model)}")
-        st.download_button("Download PNG", png_bytes(image), file_name=f"birds-{name}-seed{shown.seed}.png",
+        name, image, seconds, caption, count, seed = st.session_state["generated"]
+        st.image(image, caption=caption, width=560)
+        st.caption(f"{count} images in {seconds:.1f} s · {ui.describe(model)}")
+        st.download_button("Download PNG", png_bytes(image), file_name=f"birds-{name}-seed{seed}.png",
                            mime="image/png")
     else:
         st.caption(ui.describe(model))

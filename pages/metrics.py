@@ -4,10 +4,11 @@ import pandas as pd
 import streamlit as st
 
 from birdgen import ui
-from birdgen.data import DatasetError, load_crops
-from birdgen.evaluation import MEMORIZATION_PAIRS_FILE, EvalSettings, EvaluationError, evaluate, summary, write_metrics
-from birdgen.features import FEATURE_LABELS, FeatureError, choose_feature_space, load_extractor
-from birdgen.modelcard import update_card_quality
+from birdgen.checkpoint import ModelError
+from birdgen.data import DatasetError
+from birdgen.evaluation import (MEMORIZATION_PAIRS_FILE, MIN_SAMPLES, EvalSettings, EvaluationError, resolve_sampler,
+                                run_evaluation, save_evaluation, summary)
+from birdgen.features import FEATURE_LABELS, FeatureError
 from birdgen.training_jobs import run_folders
 from birdgen.training_loop import read_metrics
 
@@ -50,29 +51,27 @@ else:
 
 st.header("Evaluate a model")
 model = ui.model_picker(key="eval_model")
-columns = st.columns(4)
+columns = st.columns(3)
 requested = columns[0].selectbox("Features", ["auto", "inception", "mobilenet"],
                                  help="auto: InceptionV3 where its weights are present, else the offline MobileNet")
-num_samples = columns[1].number_input("Generated images", 10, 10_000, 1000, step=50)
+num_samples = columns[1].number_input("Generated images", MIN_SAMPLES, 10_000, 1000, step=50)
 reference = columns[2].selectbox("Real crops", ["heldout", "train"], format_func={
     "heldout": "held out (never trained on)", "train": "training crops"}.get)
-steps = columns[3].slider("DDIM steps", 5, 250, 50)
-st.caption(f"{FEATURE_LABELS['mobilenet']}. On a 2-core CPU, 1,000 images take about 5 to 10 minutes.")
+sampler, steps = resolve_sampler(model, EvalSettings()).sampler, resolve_sampler(model, EvalSettings()).steps
+guide_weight = ui.guide_weight_control(model, "eval")
+st.caption(f"Samples with {sampler} {steps} steps"
+           + (" (the student's own)" if model.sampling else " (the sampler of the published numbers)")
+           + (", species of the real crops in turn" if model.conditional else "")
+           + f". {FEATURE_LABELS['mobilenet']}. On a 2-core CPU, 1,000 images take about 5 to 10 minutes.")
 if st.button("Run evaluation", type="primary", key="evaluate"):
+    bar = st.progress(0.0, text="Starting…")
     try:
-        feature_space, note = choose_feature_space(requested)
-        st.info(note)
-        extractor = load_extractor(feature_space)
-        record = model.data or {}
-        crops = load_crops(ui.data_root(), model.network_config.image_size, record.get("crop", "square"),
-                           record.get("padding", 0.1), progress=False)
-        bar = st.progress(0.0, text="Starting…")
-        result = evaluate(model, crops, EvalSettings(reference, int(num_samples), "ddim", int(steps)), extractor,
-                          extractor.identity, feature_space,
-                          lambda stage, done, total: bar.progress(done / total, text=f"{stage}: {done}/{total}"))
-    except (FeatureError, DatasetError, EvaluationError) as error:
+        result = run_evaluation(model, ui.data_root(), EvalSettings(reference, int(num_samples),
+                                                                    guide_weight=guide_weight),
+                                requested, progress=lambda stage, done, total: bar.progress(
+                                    done / total, text=f"{stage}: {done}/{total}"), notify=st.info)
+        saved = save_evaluation(model, result)
+    except (FeatureError, DatasetError, EvaluationError, ModelError, ValueError, OSError) as error:
         st.error(str(error))
         st.stop()
-    write_metrics(model, result)
-    update_card_quality(model.path)
-    st.success(f"{summary(result.metrics)} — saved to {model.path / 'metrics.json'}")
+    st.success(f"{summary(result.metrics)} — saved to {saved}")

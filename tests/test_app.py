@@ -266,7 +266,7 @@ def test_species_controls_appear_only_for_a_species_model(models):
     at.number_input(key="gen_count").set_value(2)
     at.button(key="generate").click().run()
     assert not at.exception
-    assert "seed 0 · Cardinal, guidance 2" in at.get("image")[0].proto.imgs[0].caption
+    assert "3 steps · seed 0 · Cardinal · species guidance 2 · 6 network evaluations" in at.get("image")[0].proto.imgs[0].caption
 
     for page, key in (("denoising.py", "chain_species"), ("compare.py", "cmp_species")):
         at = app(PAGES / page)

@@ -88,8 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     sample.set_defaults(handler=cmd_sample)
 
-    trainer = commands.add_parser("train", help="train a model (resumable; torchrun for several GPUs)",
-                                  argument_default=argparse.SUPPRESS)
+    trainer = commands.add_parser(
+        "train", help="train a model (resumable; torchrun for several GPUs)", argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+            "A guide for autoguidance (cleaner birds from a model you have): train the same kind of network,\n"
+            "smaller and much shorter, on the same split, e.g. for models/small-attn\n"
+            "  birdgen train --out runs/guide --data DIR --split random --test-fraction 0.1 --preset small-attn\n"
+            "      --channels 32,64,64 --prediction v --min-snr-gamma 5 --lr 5e-4 --steps 4000\n"
+            "  birdgen export runs/guide --to models/small-attn-guide --guides small-attn\n"
+            "  birdgen set-guide --model models/small-attn --guide models/small-attn-guide --guide-weight 2\n"
+            "      --guide-interval 200,999\n"
+            "It must share the model's schedule, prediction target, image size (and species); see the README."))
     trainer.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
     trainer.add_argument("--config", help="YAML or JSON file of settings; flags override it")
     trainer.add_argument("--resume", action="store_true", default=False, help="continue from the last checkpoint")
@@ -286,18 +295,33 @@ def guidance_text(model, args, species: bool) -> str:
 def add_config_flags(parser: argparse.ArgumentParser, config_class=TrainConfig) -> None:
     """One flag per config field: --batch-size, --lr, --attention/--no-attention, …"""
     hints = typing.get_type_hints(config_class)
+    comments = field_comments(config_class)
     for field in fields(config_class):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
         if isinstance(kind, types.UnionType):  # "X | None": the flag takes an X
             kind = next(k for k in typing.get_args(kind) if k is not type(None))
-        help_text = f"(default: {field.default})"
+        default = "none" if field.default in (None, "") else (
+            ",".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default)
+        help_text = f"{comments[field.name]} (default: {default})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, help=help_text)
         elif typing.get_origin(kind) is tuple:
             parser.add_argument(flag, dest=field.name, type=int_list, metavar="N,N,…", help=help_text)
         else:
             parser.add_argument(flag, dest=field.name, type=kind, help=help_text)
+
+
+def field_comments(config_class) -> dict[str, str]:
+    """Each field's comment in the config dataclass's source: the one place a setting is explained."""
+    import inspect
+    import re
+
+    found = dict(re.findall(r"^    (\w+): [^#\n]+#\s*(.+)$", inspect.getsource(config_class), re.MULTILINE))
+    missing = [f.name for f in fields(config_class) if f.name not in found]
+    if missing:
+        raise AssertionError(f"{config_class.__name__}: explain {', '.join(missing)} in a comment")
+    return found
 
 
 def int_list(text: str) -> tuple[int, ...]:

@@ -45,21 +45,21 @@ class DistillConfig:
     teacher_steps: int = 32  # DDIM steps of the teacher that the first round halves
     steps_target: int = 4  # DDIM steps of the final student; teacher_steps / steps_target must be a power of 2
     round_steps: int = 1000  # optimizer steps per halving round
-    batch_size: int = 32
+    batch_size: int = 32  # images per optimizer step
     lr: float = 1e-4  # decayed linearly to 0 within each round (Salimans & Ho 2022, appendix)
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str = "auto"
+    grad_clip: float = 1.0  # clip the gradient norm to this; 0 turns clipping off
+    seed: int = 0  # seeds batches, noise and timesteps
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC memory layout (faster convolutions)
     num_threads: int = 0  # CPU threads; 0 = all cores
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 2
+    checkpoint_every: int = 250  # optimizer steps between resumable checkpoints
+    keep_checkpoints: int = 2  # most recent checkpoints kept
     sample_every: int = 500  # previews also at the end of every round
-    sample_count: int = 16
-    log_every: int = 20
-    progress: bool = True
-    max_nonfinite: int = 20
+    sample_count: int = 16  # images per preview grid
+    log_every: int = 20  # optimizer steps between metrics.jsonl lines
+    progress: bool = True  # a progress bar on the terminal
+    max_nonfinite: int = 20  # consecutive skipped (non-finite) steps before distillation gives up
 
     @property
     def rounds(self) -> int:

@@ -37,14 +37,15 @@ class EditError(ValueError):
 
 # --- Pictures in --------------------------------------------------------------------------
 
-def load_picture(data: bytes, size: int, name: str = "picture") -> torch.Tensor:
+def load_picture(data: bytes, size: int, name: str = "picture", max_bytes: int | None = None) -> torch.Tensor:
     """An uploaded PNG or JPEG as a (1, 3, size, size) image in model range: EXIF rotation
     applied, transparency flattened onto white, 16-bit and CMYK converted, the centre square
     cut and resized with an antialiasing filter."""
+    max_bytes = MAX_BYTES if max_bytes is None else min(max_bytes, MAX_BYTES)
     if not data:
         raise EditError(f"{name}: the file is empty")
-    if len(data) > MAX_BYTES:
-        raise EditError(f"{name}: {len(data) / 2**20:.0f} MB is too large (at most {MAX_BYTES // 2**20} MB)")
+    if len(data) > max_bytes:
+        raise EditError(f"{name}: {len(data) / 2**20:.1f} MB is too large (at most {max_bytes / 2**20:g} MB)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by our own limit

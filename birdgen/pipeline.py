@@ -91,6 +91,24 @@ def check_student_sampler(model: BirdModel, sampler: str, steps: int | None, eta
                          " sampler and steps unset, or use its teacher)")
 
 
+def planned_evaluations(model: BirdModel, request: GenerationRequest) -> int:
+    """Network forward passes per image this request will run (both halves of a species-guided
+    pass and each guide pass counted), as `Denoiser.passes` will count them; known before running."""
+    sampler = make_request_sampler(model, request)
+    guidance = model.resolve_guidance(request.guidance, request.guide_weight, request.interval)
+    def passes(weight: float) -> int:  # a species-guided pass runs both halves in one batch
+        return 2 if request.species and weight not in (0, 1) else 1
+
+    total = 0
+    for t in sampler.timesteps:
+        inside = guidance.interval is None or guidance.interval[0] <= t <= guidance.interval[1]
+        species_weight = guidance.species_weight if inside else 1.0
+        guide_weight = guidance.guide_weight if inside else 1.0
+        total += (passes(species_weight) if guide_weight != 0 else 0) + (
+            passes(min(species_weight, 1.0)) if guide_weight != 1 else 0)
+    return total
+
+
 def request_denoiser(model: BirdModel, request: GenerationRequest, labels: torch.Tensor | None = None) -> Denoiser:
     return model.denoiser(labels, model.resolve_guidance(request.guidance, request.guide_weight, request.interval))
 
@@ -156,23 +174,35 @@ class Cancelled(Exception):
     pass
 
 
+class QueueFull(RuntimeError):
+    """The generation queue already holds as many waiting requests as it may."""
+
+
 class GenerationQueue:
     """Lets one generation run at a time, first come first served, and tells the waiting ones
     their place. Several app users on one machine share its cores: two generations at once
     each take about twice as long, so running them in turn gets the first result sooner and
     the last no later."""
 
-    def __init__(self):
+    def __init__(self, max_waiting: int | None = None):
+        self.max_waiting = max_waiting  # None: no limit; else a request past it raises QueueFull at once
         self._condition = threading.Condition()
         self._tickets = 0  # handed out so far
         self._serving = 0  # the ticket whose holder may run
         self._abandoned: set[int] = set()
+
+    def _waiting(self) -> int:
+        """Requests holding a ticket but not yet running (called with the condition held)."""
+        running = 1 if self._serving < self._tickets else 0
+        return self._tickets - self._serving - running - sum(t > self._serving for t in self._abandoned)
 
     @contextlib.contextmanager
     def turn(self, on_wait: Callable[[int], None] | None = None, poll_s: float = 0.25):
         """Waits for this caller's turn, calling `on_wait(requests ahead)` while it waits (the
         app's message, and a point where Streamlit can stop a page that was left)."""
         with self._condition:
+            if self.max_waiting is not None and self._waiting() >= self.max_waiting:
+                raise QueueFull(f"{self._waiting()} requests are already waiting")
             ticket = self._tickets
             self._tickets += 1
         try:

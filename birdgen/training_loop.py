@@ -48,14 +48,14 @@ class TrainingError(RuntimeError):
 class TrainConfig:
     # Data
     data: str = ""  # CUB_200_2011 root
-    image_size: int = 64
+    image_size: int = 64  # crop side in pixels
     crop: str = "square"  # "square" or "bbox"
-    padding: float = 0.1
+    padding: float = 0.1  # square crops: margin around the bounding box, as a fraction of its side
     split: str = "official"  # "official" or "random" (seeded, test_fraction held out)
     train_on: str = "train"  # "train" part of the split, or "all" images
-    test_fraction: float = 0.2
+    test_fraction: float = 0.2  # random split: share of images held out, 0-1
     # Network
-    preset: str = "small"
+    preset: str = "small"  # U-Net preset (see `birdgen presets`)
     attention: bool | None = None  # None keeps the preset's; False removes it; True adds it at 8x8
     dropout: float | None = None  # None keeps the preset's
     channels: tuple[int, ...] | None = None  # feature channels per level; None keeps the preset's
@@ -65,37 +65,37 @@ class TrainConfig:
     class_lr_scale: float = 25.0  # the class embedding's learning rate, in multiples of lr (it starts at zero)
     init_from: str = ""  # model folder to start from (an unconditional one gets a zero class embedding)
     # Diffusion (the report's Table 1: 1000 steps, cosine schedule with s = 0.008)
-    schedule: str = "cosine"
-    noise_steps: int = 1000
+    schedule: str = "cosine"  # noise schedule: "cosine" or "linear"
+    noise_steps: int = 1000  # T, the number of training noise steps
     prediction: str = "epsilon"  # "epsilon" or "v"
     min_snr_gamma: float | None = None  # e.g. 5.0 for min-SNR weighting
     # Optimisation (the report's Table 1: batch 32, learning rate 3e-4)
     batch_size: int = 32  # global batch, split over all processes
-    lr: float = 3e-4
+    lr: float = 3e-4  # AdamW learning rate after warm-up
     lr_schedule: str = "constant"  # "constant" or "cosine" (to 0 at `steps`), after warm-up
-    warmup_steps: int = 200
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    warmup_steps: int = 200  # optimizer steps of linear learning-rate warm-up
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # clip the gradient norm to this; 0 turns clipping off
     ema_decay: float = 0.999  # reached after a warm-up: min(ema_decay, (1 + step) / (10 + step))
     steps: int = 10_000  # optimizer steps in total
-    seed: int = 0
+    seed: int = 0  # seeds the split, initialisation, batches, noise and timesteps
     # Machine
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
-    channels_last: bool = True
-    compile: bool = False
+    channels_last: bool = True  # NHWC memory layout (faster convolutions on CPUs and GPUs)
+    compile: bool = False  # torch.compile the training step
     sync_free: bool | None = None  # None: on for CUDA. Steps never wait for the host; see `train`
     lr_reference_batch: int = 0  # >0: lr is for this batch size and scales by sqrt(batch_size / it)
     num_threads: int = 0  # CPU threads; 0 = all cores
     # Output
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    sample_every: int = 1000
-    sample_count: int = 16
+    checkpoint_every: int = 500  # optimizer steps between resumable checkpoints
+    keep_checkpoints: int = 3  # most recent checkpoints kept
+    sample_every: int = 1000  # optimizer steps between preview grids
+    sample_count: int = 16  # images per preview grid
     sample_steps: int = 50  # DDIM steps for previews
-    log_every: int = 20
+    log_every: int = 20  # optimizer steps between metrics.jsonl lines
     log: str = "none"  # "none", "tensorboard" or "wandb"
-    progress: bool = True
+    progress: bool = True  # a progress bar on the terminal
     max_nonfinite: int = 20  # consecutive skipped steps before training gives up
     max_minutes: float = 0.0  # >0: stop (with a checkpoint, resumable) after this much wall time of this process
 

@@ -14,7 +14,9 @@ import torch
 
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, BirdModel, ModelError, load_model
 from .guidance import GUIDE_WEIGHT_RANGE, SPECIES_WEIGHT_RANGE
-from .pipeline import DEFAULT_SAMPLING, MAX_IMAGES, GenerationQueue, GenerationRequest, model_sampling
+from .pipeline import (DEFAULT_SAMPLING, MAX_IMAGES, GenerationQueue, GenerationRequest, QueueFull, model_sampling,
+                       planned_evaluations)
+from .public import LimitError, PublicLimits, public_limits
 from .samplers import SAMPLERS
 from .utils import machine_description
 
@@ -34,6 +36,41 @@ def through_app_navigation() -> None:
     if PagesManager.uses_pages_directory:
         PagesManager.uses_pages_directory = False
         st.rerun()
+
+
+def limits() -> PublicLimits | None:
+    """Public mode's limits (BIRDGEN_PUBLIC=1, see birdgen.public), or None on a private server."""
+    return public_limits()
+
+
+def off_in_public_mode(what: str) -> None:
+    """Stops a page that a public server does not offer, saying so in one line."""
+    if limits() is not None:
+        st.info(f"{what} is off on this server: it runs in public mode (BIRDGEN_PUBLIC=1).")
+        st.stop()
+
+
+def enforce_limits(images: int, evaluations_per_image: int) -> None:
+    """In public mode, stops the page with the limit's message when a request is over it."""
+    public = limits()
+    if public is None:
+        return
+    try:
+        public.check(images, evaluations_per_image)
+    except LimitError as error:
+        st.error(str(error))
+        st.stop()
+
+
+def enforce_edit_limits(images: int, steps: int, species: bool, guide_weight: float) -> None:
+    """Public mode's limits for an edit of `steps` sampler steps: at most two passes per step
+    with a species and one more with the guide."""
+    enforce_limits(images, steps * ((2 if species else 1) + (1 if guide_weight != 1 else 0)))
+
+
+def enforce_request_limits(model: BirdModel, request: GenerationRequest) -> None:
+    if limits() is not None:
+        enforce_limits(request.total_images, planned_evaluations(model, request))
 
 
 def models_dir() -> Path:
@@ -115,7 +152,9 @@ def sampler_controls(key: str = "gen", max_images: int = 16, default_images: int
     columns[1].button("🎲 Random", key=f"{key}_random", on_click=_randomize_seed, args=(seed_key,),
                       help="Pick a random seed")
     seed = columns[0].number_input("Seed", 0, 2**31 - 1, step=1, key=seed_key)
-    count = columns[2].number_input("Images", 1, min(max_images, MAX_IMAGES), default_images, key=f"{key}_count")
+    public = limits()
+    most = min(max_images, MAX_IMAGES, public.max_images if public else MAX_IMAGES)
+    count = columns[2].number_input("Images", 1, most, min(default_images, most), key=f"{key}_count")
     return GenerationRequest(sampler, int(steps), int(count), int(seed), float(eta))
 
 
@@ -206,22 +245,32 @@ def _randomize_seed(seed_key: str) -> None:
     st.session_state[seed_key] = random.randrange(2**31 - 1)
 
 
-@st.cache_resource
 def generation_queue() -> GenerationQueue:
-    return GenerationQueue()  # one for the whole server: every user shares the same cores
+    public = limits()
+    return _server_queue(public.max_waiting if public else None)
+
+
+@st.cache_resource
+def _server_queue(max_waiting: int | None) -> GenerationQueue:
+    return GenerationQueue(max_waiting)  # one for the whole server: every user shares the same cores
 
 
 @contextlib.contextmanager
 def queued_turn():
     """Runs the enclosed generation when earlier ones from other users have finished, saying
-    so on the page while it waits."""
+    so on the page while it waits; when the queue is full, says so at once and stops the page."""
     notice = st.empty()
 
     def on_wait(ahead: int) -> None:
         notice.info(f"Waiting for {ahead} earlier request{'s' if ahead > 1 else ''} from other users of this app "
                     "to finish (one generation runs at a time, so that each gets all the CPU cores)…")
 
-    with generation_queue().turn(on_wait):
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(generation_queue().turn(on_wait))
+        except QueueFull as error:
+            notice.warning(f"The server is busy ({error}). Please try again in a minute.")
+            st.stop()
         notice.empty()
         yield
 
@@ -286,8 +335,10 @@ def picture_source(model: BirdModel, key: str):
     if upload is None:
         st.caption("Nothing is stored: the picture stays in this browser session's memory.")
         return None
+    public = limits()
     try:
-        return load_picture(upload.getvalue(), size, upload.name)
+        return load_picture(upload.getvalue(), size, upload.name,
+                            public.max_upload_mb * 2**20 if public else None)
     except EditError as error:
         st.error(str(error))
         return None

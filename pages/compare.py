@@ -5,7 +5,7 @@ import dataclasses
 import streamlit as st
 
 from birdgen import ui
-from birdgen.pipeline import for_model, generate
+from birdgen.pipeline import for_model, generate, planned_evaluations
 from birdgen.samplers import initial_noise
 from birdgen.utils import grid_image
 
@@ -46,6 +46,7 @@ if warning := ui.unequal_training(left, right):
     st.warning(warning)
 
 if st.button("Generate both", type="primary", key="compare"):
+    ui.enforce_limits(request.num_images, sum(planned_evaluations(m, r) for m, r in zip((left, right), requests)))
     noise, _ = initial_noise(request.num_images, left.network_config.image_size, request.seed, "cpu",
                              left.network_config.in_channels)
     results = []

@@ -46,6 +46,7 @@ st.header("Reverse process: from noise to a bird")
 choice = ui.guidance_controls(model, "chain")
 request = ui.with_guidance(model, ui.sampler_controls("chain", max_images=4, default_images=1, model=model), choice)
 if st.button("Run the sampler", type="primary", key="run_chain"):
+    ui.enforce_request_limits(model, request)
     with ui.queued_turn():
         bar, on_step = ui.progress_callback()
         st.session_state["chain"] = record_chain(model, request, on_step)

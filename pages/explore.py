@@ -37,6 +37,7 @@ with interpolate:
         species = None if None in pair else tuple(species_index(model, c) for c in pair)
     lerp_guide = ui.guide_weight_control(model, "lerp")
     if st.button("Interpolate", type="primary", key="lerp_run"):
+        ui.enforce_edit_limits(frames, steps, species is not None, lerp_guide)
         last = ui.run_steps(interpolation_steps(model, int(seed_a), int(seed_b), frames, steps, species, guidance,
                                                 lerp_guide),
                             steps, "Interpolating", cancel_key="lerp_cancel")
@@ -66,6 +67,8 @@ with vary:
     if picture is not None:
         st.image(grid_image(picture, padding=0).resize((128, 128)), caption="the input", width=128)
         if st.button("Make variations", type="primary", key="vary_run"):
+            ui.enforce_edit_limits(int(count), max(1, round(strength * steps)), choice.class_id is not None,
+                                   choice.guide_weight)
             request = EditRequest("ddim", steps, float(strength), int(count), int(seed), 0.0,
                                   species_index(model, choice.class_id), choice.species_weight, choice.guide_weight)
             last = ui.run_steps(sdedit_steps(model, picture, request), max(1, round(strength * steps)),
@@ -108,6 +111,7 @@ with inpaint:
                  caption="kept pixels; magenta is repainted", width=128)
         if st.button("Inpaint", type="primary", key="fill_run"):
             total = RePaintSampler(model.schedule, steps, picture, mask, resample).evaluations
+            ui.enforce_edit_limits(int(count), total, False, fill_guide)
             last = ui.run_steps(inpaint_steps(model, picture, mask, steps, resample, int(count), 0, fill_guide), total,
                                 "Inpainting", cancel_key="fill_cancel")
             st.session_state["filled"] = grid_image(last.x.cpu())

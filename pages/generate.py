@@ -23,6 +23,7 @@ with controls:
 
 with output:
     if pressed:
+        ui.enforce_request_limits(model, request)
         cancel_slot = st.empty()
         cancel_slot.button("Cancel", key="cancel")
         with ui.queued_turn():

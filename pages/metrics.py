@@ -37,6 +37,11 @@ if pairs:
     for path in pairs:
         st.image(str(path / MEMORIZATION_PAIRS_FILE), caption=path.name, width=560)
 
+if ui.limits() is not None:
+    st.caption("This server runs in public mode: the numbers above are the stored ones; training curves and new "
+               "evaluations are off.")
+    st.stop()
+
 st.header("Training curves")
 runs = run_folders()
 if not runs:

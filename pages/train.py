@@ -17,6 +17,7 @@ REFRESH_S = 2.0  # how often the live view rereads the run folder while a run is
 
 ui.through_app_navigation()
 st.title("🏋️ Train a model")
+ui.off_in_public_mode("Training")
 st.markdown("Fill in the form to start `birdgen train` in the background (one run at a time). While it runs, the "
             "progress, loss curve, latest sample grid and log below update by themselves; **Stop** saves a "
             "checkpoint, **Resume** continues from it. On a 2-core CPU expect about 15–30 images/s with the small "

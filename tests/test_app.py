@@ -141,7 +141,6 @@ def test_metrics_page_lists_models_and_evaluates_offline(models, tiny_cub, tmp_p
 
     at.selectbox(key="eval_model").set_value("small-attn")
     at.number_input[0].set_value(10)
-    at.slider[0].set_value(5)
     at.button(key="evaluate").click().run()
     assert "does not record the crops it trained on" in at.error[0].value  # no split record: refused, no traceback
 
@@ -152,7 +151,6 @@ def test_metrics_page_lists_models_and_evaluates_offline(models, tiny_cub, tmp_p
     at = app(PAGES / "metrics.py")
     at.selectbox(key="eval_model").set_value("small-attn")
     at.number_input[0].set_value(10)
-    at.slider[0].set_value(5)
     at.button(key="evaluate").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert any("MobileNetV1 (offline)" in i.value for i in at.info)
@@ -342,3 +340,74 @@ def test_explore_uses_a_students_steps_and_refuses_inpainting(with_student):
     assert [m.value for m in at.metric] == ["2", "2"]
     at.button(key="lerp_run").click().run()
     assert not at.exception and "lerp" in at.session_state
+
+
+def test_metrics_page_evaluates_students_and_species_models_with_their_own_sampler(models, tiny_cub, monkeypatch):
+    import json
+
+    from birdgen.data import load_crops, split_record
+
+    monkeypatch.setenv("BIRDGEN_DATA", str(tiny_cub))
+    crops = load_crops(tiny_cub, 64, progress=False)
+    record = split_record(crops, tiny_cub, "square", 0.1, "random", 0, 0.3, "train")
+    student = build_model(preset("small", channels=(8, 16)), DiffusionConfig(num_steps=100))
+    save_model(models / "student", student.network, student.network_config, student.diffusion_config, data=record,
+               sampling={"sampler": "ddim", "steps": 2})
+    names = {int(c): crops.class_names[int(c)] for c in sorted(set(crops.labels.tolist()))}
+    species = build_model(preset("small", channels=(8, 16), num_classes=len(names)), DiffusionConfig(num_steps=100))
+    save_model(models / "species", species.network, species.network_config, species.diffusion_config, data=record,
+               species=[[c, n] for c, n in names.items()])
+    for name, sampler in (("student", "ddim 2 steps (the student's own)"), ("species", "ddim 50 steps")):
+        at = app(PAGES / "metrics.py")
+        at.selectbox(key="eval_model").set_value(name).run()
+        assert any(sampler in c.value for c in at.caption), [c.value for c in at.caption]
+        at.number_input[0].set_value(10)
+        at.button(key="evaluate").click().run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        stored = json.loads((models / name / "metrics.json").read_text())["mobilenet"]
+        assert (stored["sampler"], stored["steps"]) == (("ddim", 2) if name == "student" else ("ddim", 50))
+    assert "species accuracy top-1" in at.success[0].value
+    assert stored["species_accuracy"]["classes"] == len(names)
+
+
+def test_public_mode_turns_training_and_evaluation_off_and_limits_requests(models, monkeypatch):
+    monkeypatch.setenv("BIRDGEN_PUBLIC", "1")
+    monkeypatch.setenv("BIRDGEN_PUBLIC_MAX_EVALUATIONS", "40")
+    at = app(PAGES / "train.py")
+    assert "Training is off on this server" in at.info[0].value and not at.button and not at.text_input
+    at = app(PAGES / "metrics.py")
+    assert not any(b.key == "evaluate" for b in at.button) and at.dataframe
+    at = app(PAGES / "generate.py")
+    assert at.number_input(key="gen_count").max == 16
+    at.number_input(key="gen_count").set_value(8)
+    at.slider(key="gen_steps_dpmpp").set_value(6)
+    at.button(key="generate").click().run()
+    assert not at.exception and not at.get("image")
+    assert at.error[0].value == ("8 images × 6 network evaluations = 48 is more than this public server allows per"
+                                 " request (40): use fewer steps or images")
+    at.number_input(key="gen_count").set_value(6)
+    at.button(key="generate").click().run()
+    assert not at.exception and not at.error and len(at.get("image")) == 1
+
+
+def test_a_full_queue_refuses_politely_in_public_mode(models, monkeypatch):
+    from birdgen import ui
+
+    monkeypatch.setenv("BIRDGEN_PUBLIC", "1")
+    monkeypatch.setenv("BIRDGEN_PUBLIC_MAX_WAITING", "1")
+
+    class Full:
+        def turn(self, on_wait):
+            from birdgen.pipeline import QueueFull
+
+            raise QueueFull("1 requests are already waiting")
+
+    monkeypatch.setattr(ui, "generation_queue", lambda: Full())
+    at = AppTest.from_file(str(PAGES / "generate.py"), default_timeout=120)
+    at.run()
+    at.number_input(key="gen_count").set_value(1)
+    at.slider(key="gen_steps_dpmpp").set_value(3)
+    at.button(key="generate").click().run()
+    assert not at.exception and not at.get("image")
+    assert at.warning[0].value == ("The server is busy (1 requests are already waiting). Please try again in a"
+                                   " minute.")

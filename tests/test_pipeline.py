@@ -1,4 +1,5 @@
 import threading
+import time
 
 import pytest
 import torch
@@ -115,4 +116,39 @@ def test_generation_queue_runs_one_at_a_time_in_order_and_skips_those_who_left()
     assert order == ["first", "quitter left", "second", "third"]
     assert waits["second"][0] == 1 and waits["third"][0] == 2  # its place in the queue, as the page shows it
     with queue.turn():  # the queue is free again
+        pass
+
+
+def test_a_queue_with_a_limit_refuses_past_it_at_once():
+    import threading
+
+    from birdgen.pipeline import GenerationQueue, QueueFull
+
+    queue = GenerationQueue(max_waiting=1)
+    release, entered = threading.Event(), threading.Event()
+
+    def running():
+        with queue.turn():
+            entered.set()
+            release.wait(5)
+
+    def waiting():
+        with queue.turn(poll_s=0.01):
+            pass
+
+    threads = [threading.Thread(target=running)]
+    threads[0].start()
+    entered.wait(5)
+    threads.append(threading.Thread(target=waiting))
+    threads[1].start()
+    deadline = time.time() + 5
+    while queue._waiting() < 1 and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(QueueFull, match="1 requests are already waiting"):
+        with queue.turn():
+            pass
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    with queue.turn():  # free again
         pass

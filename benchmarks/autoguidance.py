@@ -1,0 +1,184 @@
+"""Autoguidance: FD/KID/precision/recall of a model guided by a weaker guide against the guide
+weight w, with and without a guidance interval, at DPM-Solver++ 10 and 20 steps, against the
+same model unguided (also at equal cost), all from the same seeds and sample counts against
+the same held-out crops, in the offline MobileNet feature space; plus each setting's network
+evaluations and seconds.
+
+    python benchmarks/autoguidance.py --model models/small-attn --guide models/small-attn-guide \
+        --weights 1.5 2 2.5 3 --intervals all 200,999 --steps 10 20 --num-samples 500
+
+    # which of a guide run's checkpoints guides best (export them first, e.g. to /tmp/guide-N)
+    python benchmarks/autoguidance.py --guide /tmp/guide-2000 /tmp/guide-3000 --weights 2 --steps 10
+
+Rows go to benchmarks/results/autoguidance.json as soon as each is done (settings already there
+are skipped, so a stopped run can be rerun); `--plot-only` redraws the plot and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+
+import torch
+
+from common import REAL_CUB, REPO, machine
+from birdgen.checkpoint import check_guide, load_model
+from birdgen.data import load_crops, recover_split
+from birdgen.evaluation import EvalSettings, extract_features, generate_uint8, kid_and_fid, precision_recall, real_features
+from birdgen.features import choose_feature_space, load_extractor
+from birdgen.guidance import parse_interval
+
+RESULTS = REPO / "benchmarks" / "results" / "autoguidance.json"
+PLOT = REPO / "benchmarks" / "results" / "autoguidance.png"
+
+
+def measure(model, steps: int, guide_weight: float, interval, count: int, reference, extractor) -> dict:
+    settings = EvalSettings(num_samples=count, sampler="dpmpp", steps=steps, batch_size=64, memorization=False,
+                            guide_weight=guide_weight, interval=interval)
+    started = time.perf_counter()
+    images = generate_uint8(model, settings)
+    seconds = time.perf_counter() - started
+    features = extract_features(extractor, images, 64, "cpu", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scores = {**kid_and_fid(reference, features), **precision_recall(reference, features)}
+    return {"fd": round(scores["fid"], 2), "kid": round(scores["kid_mean"], 4), "kid_std": round(scores["kid_std"], 4),
+            "precision": round(scores["precision"], 3), "recall": round(scores["recall"], 3),
+            "seconds": round(seconds, 1)}
+
+
+def cost(model, steps: int, guide_weight: float, interval) -> dict:
+    """Network evaluations per image, and the cost in main-network evaluations (guide passes weighted by FLOPs)."""
+    from birdgen.pipeline import GenerationRequest, planned_evaluations
+
+    request = GenerationRequest("dpmpp", steps, 1, guide_weight=guide_weight, interval=interval)
+    total = planned_evaluations(model, request)
+    guide_passes = total - steps
+    ratio = model.guide.flops_per_image / model.flops_per_image if model.guide is not None else 0.0
+    return {"evaluations": total, "guide_evaluations": guide_passes, "main_equivalent": round(steps + guide_passes * ratio, 2)}
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    groups = sorted({(r["guide"], r["steps"], r["interval"]) for r in results["rows"] if r["guide"] != "none"})
+    for guide, steps, interval in groups:
+        rows = sorted((r["guide_weight"], r["fd"]) for r in results["rows"]
+                      if (r["guide"], r["steps"], r["interval"]) == (guide, steps, interval))
+        rows = [(1.0, r["fd"]) for r in results["rows"] if r["guide"] == "none" and r["steps"] == steps] + rows
+        axis.plot(*zip(*sorted(rows)), "o-", linewidth=1, label=f"{guide}, DPM++ {steps}, t {interval}")
+    axis.set_xlabel("autoguidance weight w (1 = unguided)")
+    axis.set_ylabel(f"FD, {results['features']} features (lower is better)")
+    axis.set_title(f"{results['model']}: {results['num_samples']} samples vs {results['num_real']} held-out crops",
+                   fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(PLOT)
+    plt.close(figure)
+
+
+def table(results: dict) -> str:
+    lines = ["| guide | DPM++ steps | w | interval | evaluations (main + guide) | cost (main-equivalent) | FD | KID |"
+             " precision | recall | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results["rows"], key=lambda r: (r["guide"] != "none", r["guide"], r["steps"], r["interval"],
+                                                    r["guide_weight"])):
+        lines.append(f"| {r['guide']} | {r['steps']} | {r['guide_weight']:g} | {r['interval']} | {r['steps']} +"
+                     f" {r['guide_evaluations']} | {r['main_equivalent']:g} | {r['fd']:.1f} | {r['kid']:.3f} ±"
+                     f" {r['kid_std']:.3f} | {r['precision']:.2f} | {r['recall']:.2f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="models/small-attn")
+    parser.add_argument("--guide", nargs="+", default=["models/small-attn-guide"], help="guide model folder(s)")
+    parser.add_argument("--weights", type=float, nargs="+", default=[1.5, 2.0, 2.5, 3.0])
+    parser.add_argument("--intervals", nargs="+", default=["all", "200,999"], help="LOW,HIGH timesteps or all")
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 20], help="DPM-Solver++ steps")
+    parser.add_argument("--unguided-steps", type=int, nargs="*", default=[13, 27],
+                        help="extra unguided rows at about the guided rows' cost")
+    parser.add_argument("--num-samples", type=int, default=500)
+    parser.add_argument("--features", default="mobilenet", choices=("auto", "inception", "mobilenet"))
+    parser.add_argument("--plot-only", action="store_true")
+    args = parser.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    if args.plot_only:
+        plot(results)
+        print(table(results))
+        return
+    space, note = choose_feature_space(args.features)
+    print(note)
+    if (results.get("model"), results.get("num_samples"), results.get("features")) != (args.model, args.num_samples,
+                                                                                      space):
+        results = {"model": args.model, "num_samples": args.num_samples, "features": space, "rows": []}
+    results["machine"] = machine()
+    extractor = load_extractor(space).eval()
+    model = load_model(REPO / args.model, guide="none")
+    crops = load_crops(REAL_CUB, model.network_config.image_size, progress=False)
+    _, heldout = recover_split(model.data, crops, args.model)
+    reference = real_features(crops, heldout, extractor, extractor.identity, 64, "cpu", None)
+    results["num_real"] = len(heldout)
+    done = {(r["guide"], r["steps"], r["guide_weight"], r["interval"]) for r in results["rows"]}
+    jobs = [("none", steps, 1.0, "all") for steps in sorted(set(args.steps) | set(args.unguided_steps))]
+    jobs += [(guide, steps, w, interval) for guide in args.guide for steps in args.steps for interval in args.intervals
+             for w in args.weights]
+    guides = {}
+    for guide, steps, weight, interval in jobs:
+        if (guide if guide == "none" else load_guide_name(guide), steps, weight, interval) in done:
+            continue
+        if guide == "none":
+            model.guide = None
+        else:
+            if guide not in guides:
+                guides[guide] = load_guide(guide)
+                check_guide(model, guides[guide], guide)
+            model.guide = guides[guide]
+        timesteps = parse_interval(interval, model.schedule.num_steps)
+        row = {"guide": model.guide.name if model.guide else "none", "steps": steps, "guide_weight": weight,
+               "interval": interval, **cost(model, steps, weight, timesteps),
+               **measure(model, steps, weight, timesteps, args.num_samples, reference, extractor)}
+        print(json.dumps(row), flush=True)
+        results["rows"].append(row)
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    plot(results)
+    print(table(results))
+
+
+def load_guide_name(spec: str) -> str:
+    """A guide's row name: its folder's name, or RUN@STEP for a run's checkpoint."""
+    from pathlib import Path
+
+    if "@" in spec:
+        run, step = spec.rsplit("@", 1)
+        return f"{Path(run).name}@{step}"
+    return Path(spec).name
+
+
+def load_guide(spec: str):
+    """A guide model folder, or RUN@STEP: the EMA weights of a training run's checkpoint at that step
+    (written to a temporary model folder without a card, to compare checkpoints quickly)."""
+    import tempfile
+    from pathlib import Path
+
+    from birdgen.training_loop import export_run
+
+    if "@" not in spec:
+        return load_model(REPO / spec, guide="none")
+    run, step = spec.rsplit("@", 1)
+    folder = Path(tempfile.mkdtemp()) / load_guide_name(spec)
+    export_run(REPO / run, folder, half=True, step=int(step))
+    guide = load_model(folder, guide="none")
+    guide.path = folder
+    return guide
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()

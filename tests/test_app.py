@@ -411,3 +411,41 @@ def test_a_full_queue_refuses_politely_in_public_mode(models, monkeypatch):
     assert not at.exception and not at.get("image")
     assert at.warning[0].value == ("The server is busy (1 requests are already waiting). Please try again in a"
                                    " minute.")
+
+
+def test_autoguidance_controls_on_generate_compare_and_explore(models):
+    import json
+
+    guide = build_model(preset("small", channels=(8, 8)), DiffusionConfig(num_steps=100))
+    save_model(models.parent / "guides" / "tiny-guide", guide.network, guide.network_config, guide.diffusion_config)
+    config = json.loads((models / "small-attn" / "config.json").read_text())
+    config["guidance"] = {"guide": "../../guides/tiny-guide", "guide_weight": 2.0, "interval": [30, 99]}
+    (models / "small-attn" / "config.json").write_text(json.dumps(config))
+
+    at = app(PAGES / "generate.py")
+    assert at.toggle(key="gen_guided").value is True and at.slider(key="gen_guide_weight").value == 2.0
+    at.slider(key="gen_steps_dpmpp").set_value(4)
+    at.number_input(key="gen_count").set_value(2)
+    at.button(key="generate").click().run()
+    caption = at.get("image")[0].proto.imgs[0].caption
+    assert not at.exception and "autoguidance by tiny-guide, w 2, t 30–99" in caption
+    assert "4 evaluations of small-attn + 3 of its guide tiny-guide" in caption
+    at.toggle(key="gen_guided").set_value(False).run()
+    assert at.slider(key="gen_guide_weight").disabled
+    at.button(key="generate").click().run()
+    caption = at.get("image")[0].proto.imgs[0].caption
+    assert "autoguidance" not in caption and "4 network evaluations" in caption
+
+    at = app(PAGES / "compare.py")  # the same model guided and unguided from the same noise
+    at.selectbox(key="right").set_value("small-attn").run()
+    at.toggle(key="cmp_right_guided").set_value(False)
+    at.slider(key="cmp_steps_dpmpp").set_value(4)
+    at.number_input(key="cmp_count").set_value(2)
+    at.button(key="compare").click().run()
+    captions = [image.proto.imgs[0].caption for image in at.get("image")]
+    assert not at.exception and "of its guide" in captions[0] and "of its guide" not in captions[1]
+
+    at = app(PAGES / "explore.py")
+    assert at.toggle(key="lerp_guided").value is True and at.toggle(key="fill_guided").value is True
+    at.selectbox(key="explore_model").set_value("small").run()  # a model without a guide: no toggle
+    assert not any(t.key == "lerp_guided" for t in at.toggle)

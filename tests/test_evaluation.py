@@ -233,3 +233,32 @@ def test_real_inception_features(real_cub):
     crops = load_crops(real_cub, progress=False)
     features = extract_features(InceptionFeatures(weights), crops.images[:8])
     assert features.shape == (8, 2048) and torch.isfinite(features).all()
+
+
+def test_the_species_classifier_knows_real_crops_and_not_wrong_labels(real_cub):
+    from birdgen.evaluation import species_accuracy
+    from birdgen.features import MobileNetFeatures
+
+    crops = load_crops(real_cub, 64, progress=False)
+    chosen = np.isin(crops.labels, np.unique(crops.labels)[:12])  # 12 species keep the test short
+    indices = np.flatnonzero(chosen)
+    rng = np.random.default_rng(0)
+    rng.shuffle(indices)
+    train, heldout = indices[: len(indices) * 4 // 5], indices[len(indices) * 4 // 5:]
+    extractor = MobileNetFeatures().eval()
+    features = extract_features(extractor, crops.images[indices], 64)
+    by_index = dict(zip(indices.tolist(), features))
+    train_features = torch.stack([by_index[i] for i in train.tolist()])
+    heldout_features = torch.stack([by_index[i] for i in heldout.tolist()])
+    labels = crops.labels
+    classes = np.unique(labels[indices])
+    wrong = np.array([classes[(np.searchsorted(classes, c) + 5) % len(classes)] for c in labels[heldout]])
+    names = {int(c): str(c) for c in classes}
+    right = species_accuracy(train_features, labels[train], heldout_features, labels[heldout], heldout_features,
+                             labels[heldout], names)
+    shifted = species_accuracy(train_features, labels[train], heldout_features, labels[heldout], heldout_features,
+                               wrong, names)
+    chance = 1 / len(classes)
+    assert right["classes"] == 12 and right["heldout_top1"] == right["generated_top1"]
+    assert right["heldout_top1"] > 3 * chance and right["heldout_top5"] > right["heldout_top1"]
+    assert shifted["generated_top1"] < 2 * chance and shifted["relative_top1"] < 0.4

@@ -85,13 +85,18 @@ class BirdModel:
     def denoiser(self, labels: torch.Tensor | None = None, guidance: ResolvedGuidance | None = None) -> Denoiser:
         """`labels`: class indices (one per image) for a conditional model. Without `guidance`
         nothing guides: the plain conditional output of this network alone."""
-        cuda = self.device.type == "cuda"
-        autocast = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
         guidance = guidance or ResolvedGuidance(1.0, 1.0, None)
         guide = self.guide.network if self.guide is not None and guidance.guide_weight != 1 else None
-        return Denoiser(self.network, self.schedule, autocast_dtype=autocast, channels_last=True, labels=labels,
+        return Denoiser(self.network, self.schedule, autocast_dtype=self.autocast_dtype, channels_last=True, labels=labels,
                         guidance=guidance.species_weight, guide=guide, guide_weight=guidance.guide_weight,
                         interval=guidance.interval)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """What sampling runs in on this model's device (see `birdgen.precision`)."""
+        from .precision import sampling_autocast
+
+        return sampling_autocast(self.device)
 
     @cached_property
     def flops_per_image(self) -> int:

@@ -356,7 +356,10 @@ def describe(model: BirdModel) -> str:
     if model.distillation:
         trained += (f" · distilled from {model.distillation.get('teacher', '?')} on"
                     f" {model.distillation.get('images_seen', 0):,} more")
-    return f"{model.parameter_count:,} parameters{trained} · {machine_description(model.device)}"
+    from .precision import precision_text
+
+    return (f"{model.parameter_count:,} parameters{trained} · {machine_description(model.device)} ·"
+            f" {precision_text(model.device, model.autocast_dtype)}")
 
 
 def unequal_training(first: BirdModel, second: BirdModel, tolerance: float = 0.1) -> str | None:

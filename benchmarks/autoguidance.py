@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-import warnings
 
 import torch
 
-from common import REAL_CUB, REPO, machine
+from common import REAL_CUB, REPO, machine, score_samples
 from birdgen.checkpoint import check_guide, load_model
 from birdgen.data import load_crops, recover_split
-from birdgen.evaluation import EvalSettings, extract_features, generate_uint8, kid_and_fid, precision_recall, real_features
+from birdgen.evaluation import EvalSettings, real_features
 from birdgen.features import choose_feature_space, load_extractor
 from birdgen.guidance import parse_interval
 
@@ -37,16 +35,7 @@ PLOT = REPO / "benchmarks" / "results" / "autoguidance.png"
 def measure(model, steps: int, guide_weight: float, interval, count: int, reference, extractor) -> dict:
     settings = EvalSettings(num_samples=count, sampler="dpmpp", steps=steps, batch_size=64, memorization=False,
                             guide_weight=guide_weight, interval=interval)
-    started = time.perf_counter()
-    images = generate_uint8(model, settings)
-    seconds = time.perf_counter() - started
-    features = extract_features(extractor, images, 64, "cpu", None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scores = {**kid_and_fid(reference, features), **precision_recall(reference, features)}
-    return {"fd": round(scores["fid"], 2), "kid": round(scores["kid_mean"], 4), "kid_std": round(scores["kid_std"], 4),
-            "precision": round(scores["precision"], 3), "recall": round(scores["recall"], 3),
-            "seconds": round(seconds, 1)}
+    return score_samples(model, settings, reference, extractor)
 
 
 def cost(model, steps: int, guide_weight: float, interval) -> dict:
@@ -60,23 +49,26 @@ def cost(model, steps: int, guide_weight: float, interval) -> dict:
     return {"evaluations": total, "guide_evaluations": guide_passes, "main_equivalent": round(steps + guide_passes * ratio, 2)}
 
 
-def plot(results: dict) -> None:
+def plot(results: dict, count: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    count = count or max(r["num_samples"] for r in results["rows"])
+    rows_at = [r for r in results["rows"] if r["num_samples"] == count]
     figure, axis = plt.subplots(figsize=(6.4, 3.8), dpi=110)
-    groups = sorted({(r["guide"], r["steps"], r["interval"]) for r in results["rows"] if r["guide"] != "none"})
+    groups = sorted({(r["guide"], r["steps"], r["interval"]) for r in rows_at if r["guide"] != "none"})
     for guide, steps, interval in groups:
-        rows = sorted((r["guide_weight"], r["fd"]) for r in results["rows"]
+        rows = sorted((r["guide_weight"], r["fd"]) for r in rows_at
                       if (r["guide"], r["steps"], r["interval"]) == (guide, steps, interval))
-        rows = [(1.0, r["fd"]) for r in results["rows"] if r["guide"] == "none" and r["steps"] == steps] + rows
+        if len(rows) < 2:
+            continue
+        rows = [(1.0, r["fd"]) for r in rows_at if r["guide"] == "none" and r["steps"] == steps] + rows
         axis.plot(*zip(*sorted(rows)), "o-", linewidth=1, label=f"{guide}, DPM++ {steps}, t {interval}")
     axis.set_xlabel("autoguidance weight w (1 = unguided)")
     axis.set_ylabel(f"FD, {results['features']} features (lower is better)")
-    axis.set_title(f"{results['model']}: {results['num_samples']} samples vs {results['num_real']} held-out crops",
-                   fontsize=9)
+    axis.set_title(f"{results['model']}: {count} samples vs {results['num_real']} held-out crops", fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()
@@ -85,11 +77,11 @@ def plot(results: dict) -> None:
 
 
 def table(results: dict) -> str:
-    lines = ["| guide | DPM++ steps | w | interval | evaluations (main + guide) | cost (main-equivalent) | FD | KID |"
-             " precision | recall | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(results["rows"], key=lambda r: (r["guide"] != "none", r["guide"], r["steps"], r["interval"],
-                                                    r["guide_weight"])):
-        lines.append(f"| {r['guide']} | {r['steps']} | {r['guide_weight']:g} | {r['interval']} | {r['steps']} +"
+    lines = ["| samples | guide | DPM++ steps | w | interval | evaluations (main + guide) | cost (main-equivalent) |"
+             " FD | KID | precision | recall | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results["rows"], key=lambda r: (r["num_samples"], r["guide"] != "none", r["guide"], r["steps"],
+                                                    r["interval"], r["guide_weight"])):
+        lines.append(f"| {r['num_samples']} | {r['guide']} | {r['steps']} | {r['guide_weight']:g} | {r['interval']} | {r['steps']} +"
                      f" {r['guide_evaluations']} | {r['main_equivalent']:g} | {r['fd']:.1f} | {r['kid']:.3f} ±"
                      f" {r['kid_std']:.3f} | {r['precision']:.2f} | {r['recall']:.2f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
@@ -107,7 +99,12 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--features", default="mobilenet", choices=("auto", "inception", "mobilenet"))
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--picture", help="instead: write a same-noise picture (rows: unguided, then guided with the"
+                                          " model's default guidance) to this PNG")
     args = parser.parse_args()
+    if args.picture:
+        same_noise_picture(args.model, args.picture)
+        return
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if args.plot_only:
         plot(results)
@@ -115,9 +112,8 @@ def main() -> None:
         return
     space, note = choose_feature_space(args.features)
     print(note)
-    if (results.get("model"), results.get("num_samples"), results.get("features")) != (args.model, args.num_samples,
-                                                                                      space):
-        results = {"model": args.model, "num_samples": args.num_samples, "features": space, "rows": []}
+    if (results.get("model"), results.get("features")) != (args.model, space):
+        results = {"model": args.model, "features": space, "rows": []}
     results["machine"] = machine()
     extractor = load_extractor(space).eval()
     model = load_model(REPO / args.model, guide="none")
@@ -125,13 +121,13 @@ def main() -> None:
     _, heldout = recover_split(model.data, crops, args.model)
     reference = real_features(crops, heldout, extractor, extractor.identity, 64, "cpu", None)
     results["num_real"] = len(heldout)
-    done = {(r["guide"], r["steps"], r["guide_weight"], r["interval"]) for r in results["rows"]}
+    done = {(r["guide"], r["steps"], r["guide_weight"], r["interval"], r["num_samples"]) for r in results["rows"]}
     jobs = [("none", steps, 1.0, "all") for steps in sorted(set(args.steps) | set(args.unguided_steps))]
     jobs += [(guide, steps, w, interval) for guide in args.guide for steps in args.steps for interval in args.intervals
              for w in args.weights]
     guides = {}
     for guide, steps, weight, interval in jobs:
-        if (guide if guide == "none" else load_guide_name(guide), steps, weight, interval) in done:
+        if (guide if guide == "none" else load_guide_name(guide), steps, weight, interval, args.num_samples) in done:
             continue
         if guide == "none":
             model.guide = None
@@ -141,14 +137,29 @@ def main() -> None:
                 check_guide(model, guides[guide], guide)
             model.guide = guides[guide]
         timesteps = parse_interval(interval, model.schedule.num_steps)
-        row = {"guide": model.guide.name if model.guide else "none", "steps": steps, "guide_weight": weight,
-               "interval": interval, **cost(model, steps, weight, timesteps),
+        row = {"guide": model.guide.name if model.guide else "none", "num_samples": args.num_samples, "steps": steps,
+               "guide_weight": weight, "interval": interval, **cost(model, steps, weight, timesteps),
                **measure(model, steps, weight, timesteps, args.num_samples, reference, extractor)}
         print(json.dumps(row), flush=True)
         results["rows"].append(row)
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     plot(results)
     print(table(results))
+
+
+def same_noise_picture(folder: str, out: str, count: int = 8, rows: int = 2) -> None:
+    """`rows` × `count` birds, each unguided pair above its guided twin from the same noise (DPM-Solver++ 10)."""
+    from birdgen.pipeline import GenerationRequest, generate
+    from birdgen.utils import save_grid
+
+    model = load_model(REPO / folder)
+    grids = []
+    for row in range(rows):
+        request = GenerationRequest("dpmpp", 10, count, seed=row)
+        grids += [generate(model, GenerationRequest("dpmpp", 10, count, seed=row, guide_weight=1.0)).images,
+                  generate(model, request).images]
+    save_grid(torch.cat(grids), out, columns=count)
+    print(f"wrote {out}: rows alternate unguided / guided ({model.resolve_guidance().describe(False, model.guide.name)})")
 
 
 def load_guide_name(spec: str) -> str:

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-import warnings
 
 import numpy as np
 import torch
 
-from common import REAL_CUB, REPO, alternate, machine
+from common import REAL_CUB, REPO, alternate, machine, score_samples
 from birdgen.checkpoint import load_model
 from birdgen.data import load_crops, recover_split
-from birdgen.evaluation import EvalSettings, extract_features, generate_uint8, kid_and_fid, precision_recall, real_features
+from birdgen.evaluation import EvalSettings, real_features
 from birdgen.features import choose_feature_space, load_extractor
 from birdgen.pipeline import GenerationRequest, generate
 
@@ -35,16 +33,7 @@ NFES = (1, 2, 4, 8, 10, 20, 50)
 
 def measure(model, sampler: str | None, steps: int | None, count: int, reference, extractor) -> dict:
     settings = EvalSettings(num_samples=count, sampler=sampler, steps=steps, batch_size=64, memorization=False)
-    started = time.perf_counter()
-    images = generate_uint8(model, settings)
-    seconds = time.perf_counter() - started
-    features = extract_features(extractor, images, 64, "cpu", None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scores = {**kid_and_fid(reference, features), **precision_recall(reference, features)}
-    return {"fd": round(scores["fid"], 2), "kid": round(scores["kid_mean"], 4), "kid_std": round(scores["kid_std"], 4),
-            "precision": round(scores["precision"], 3), "recall": round(scores["recall"], 3),
-            "images_per_s": round(count / seconds, 2), "seconds": round(seconds, 1)}
+    return score_samples(model, settings, reference, extractor)
 
 
 def plot(results: dict) -> None:

@@ -12,7 +12,6 @@ from birdgen.diffusion import DiffusionConfig
 from birdgen.guidance import GuidanceError, GuidanceRecord, parse_interval, resolve_guidance
 from birdgen.networks import preset
 from birdgen.pipeline import GenerationRequest, generate
-from birdgen.samplers import Denoiser
 
 from test_species import SPECIES, species_model
 

@@ -25,7 +25,7 @@ from .diffusion import DiffusionConfig, NoiseSchedule
 from .guidance import NO_GUIDE, GuidanceError, GuidanceRecord, ResolvedGuidance, resolve_guidance
 from .networks import UNet, UNetConfig, parameter_count
 from .samplers import SAMPLERS, Denoiser
-from .utils import check_field_types
+from .utils import check_field_types, writing
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -141,8 +141,9 @@ def config_dict(network_config: UNetConfig, diffusion_config: DiffusionConfig, *
 
 def atomic_write_text(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    with writing(path, "the file", temporary):
+        temporary.write_text(text)
+        os.replace(temporary, path)
 
 
 def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_config: UNetConfig,
@@ -157,8 +158,9 @@ def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_conf
     dtype = torch.float16 if half else torch.float32
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in network.state_dict().items()}
     temporary = folder / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
-    save_file(tensors, str(temporary), metadata={"format": FORMAT})
-    os.replace(temporary, folder / WEIGHTS_FILE)
+    with writing(folder / WEIGHTS_FILE, "the model weights", temporary):
+        save_file(tensors, str(temporary), metadata={"format": FORMAT})
+        os.replace(temporary, folder / WEIGHTS_FILE)
     extra = {"weights_dtype": str(dtype).removeprefix("torch.")} | ({"training": training} if training else {}) \
         | ({"data": data} if data else {}) | ({"species": species} if species else {}) \
         | ({"sampling": sampling} if sampling else {}) | ({"distillation": distillation} if distillation else {}) \

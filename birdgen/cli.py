@@ -23,9 +23,10 @@ from .networks import PRESETS, parameter_count, preset
 from .pipeline import DEFAULT_SAMPLING, GenerationRequest, generation_steps, make_request_sampler
 from .samplers import DEFAULT_STEPS, SAMPLERS
 from .training_loop import TrainConfig, TrainingError, train
-from .utils import machine_description, pick_device, save_grid
+from .utils import WriteError, machine_description, pick_device, save_grid
 
-USER_ERRORS = (DatasetError, ModelError, TrainingError, DownloadError, EditError, ValueError, FileNotFoundError)
+USER_ERRORS = (DatasetError, ModelError, TrainingError, DownloadError, EditError, ValueError, FileNotFoundError,
+               WriteError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from .diffusion import DiffusionConfig, DiffusionLoss, NoiseSchedule
 from .guidance import SPECIES_WEIGHT
 from .networks import UNet, UNetConfig, parameter_count, preset
 from .samplers import DDIMSampler, Denoiser, initial_noise, run_to_end
-from .utils import check_field_types, machine_description, save_grid
+from .utils import check_field_types, machine_description, save_grid, writing
 
 # Settings that may change when a run is resumed; any other difference means another run.
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_threads",
@@ -425,21 +425,24 @@ class Checkpoints:
 
     def save(self, step: int, weights: dict[str, torch.nn.Module], state: dict) -> Path:
         """`weights`: networks by file stem ({"model": …, "ema": …} → model.safetensors, ema.safetensors)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"step-{step:07d}"
         temporary = self.directory / f".step-{step:07d}.tmp{os.getpid()}"
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir()
-        for stem, network in weights.items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()},
-                      str(temporary / f"{stem}.safetensors"))
-        torch.save(state, temporary / "state.pt")
-        for file in temporary.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
+        # A full disk ends the run in one line; the previous checkpoint stays the latest complete one.
+        with writing(final, f"the checkpoint of step {step} (the last complete one is kept; free some space and"
+                            " --resume)", temporary):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir()
+            for stem, network in weights.items():
+                save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()},
+                          str(temporary / f"{stem}.safetensors"))
+            torch.save(state, temporary / "state.pt")
+            for file in temporary.iterdir():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(temporary, final)
         for old in self.complete()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.directory.glob(".step-*.tmp*"):
@@ -482,7 +485,7 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as handle:
+        with writing(self.path, "the training log"), open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.backend is None:
             return

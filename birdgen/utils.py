@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import os
 import platform
+import shutil
 from pathlib import Path
 
 import torch
@@ -27,14 +30,38 @@ def grid_image(images: torch.Tensor, columns: int | None = None, padding: int = 
     return canvas
 
 
+class WriteError(RuntimeError):
+    """A file could not be written (a full disk, a read-only folder); the message names it and
+    what was being written, and no half-written file is left behind."""
+
+
+@contextlib.contextmanager
+def writing(path: Path, what: str, temporary: Path | None = None):
+    """Turns an OSError (or safetensors' error) while writing `what` to `path` into one
+    WriteError line, removing the temporary file or folder first."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        if temporary is not None:
+            if temporary.is_dir():
+                shutil.rmtree(temporary, ignore_errors=True)
+            else:
+                temporary.unlink(missing_ok=True)
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise WriteError(f"{path}: could not write {what} ({reason})") from None
+
+
 def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: int | None = None) -> Path:
     """Writes the images as one PNG grid; a single image without the grid's white frame, so that
     it can go straight back in as a picture (e.g. to `birdgen edit`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    grid_image(images, columns, padding=2 if len(images) > 1 else 0).save(temporary)
-    os.replace(temporary, path)
+    with writing(path, "the image", temporary):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid_image(images, columns, padding=2 if len(images) > 1 else 0).save(temporary)
+        os.replace(temporary, path)
     return path
 
 

@@ -328,3 +328,32 @@ def test_max_minutes_stops_with_a_resumable_checkpoint(tiny_cub, tmp_path):
     assert state["step"] == 2 and state["reason"] == "signal"  # checked at log intervals: the first is step 2
     latest = train(config(tiny_cub, steps=4), run, resume=True)
     assert torch.load(latest / "state.pt", weights_only=True)["step"] == 4
+
+
+def test_a_full_disk_ends_training_in_one_line_and_keeps_the_last_checkpoint(tiny_cub, tmp_path, monkeypatch, capsys):
+    import birdgen.training_loop as loop
+    from birdgen.cli import main as cli_main
+
+    run = tmp_path / "run"
+    real_save = loop.save_file
+    calls = []
+
+    def full_disk(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 2:  # the first checkpoint (model + EMA) is written, the second is not
+            raise OSError(28, "No space left on device")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "save_file", full_disk)
+    flags = ["train", "--out", str(run), "--data", str(tiny_cub), "--preset", "small", "--channels", "8,16",
+             "--image-size", "16", "--steps", "4", "--checkpoint-every", "2", "--sample-every", "100",
+             "--log-every", "2", "--batch-size", "4", "--noise-steps", "50", "--sample-steps", "5", "--no-progress"]
+    assert cli_main(flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "step-0000004: could not write the checkpoint of step 4" in err
+    assert "No space left on device" in err
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000002"]  # no half-written .tmp folder
+    monkeypatch.setattr(loop, "save_file", real_save)
+    assert cli_main(flags[:1] + ["--out", str(run), "--resume"]) == 0
+    assert (checkpoints / "step-0000004" / "state.pt").is_file()

@@ -175,7 +175,7 @@ Training command (settings in `config.json` of the run):
 ```
 birdgen train --out {run_dir} {command_flags(config)}
 ```
-
+{f"{chr(10)}These weights are the checkpoint of step {step:,} (`birdgen export {run_dir} --checkpoint-step {step}`), not the run's last.{chr(10)}" if step is not None else ""}
 ## Held-out denoising loss
 {heldout_text}
 

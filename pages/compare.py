@@ -44,6 +44,10 @@ if left.network_config.image_size != right.network_config.image_size:
     st.stop()
 if warning := ui.unequal_training(left, right):
     st.warning(warning)
+guided = [m.name for m, r in zip((left, right), requests) if m.guide is not None and r.guide_weight != 1]
+if len(guided) == 1:
+    st.info(f"Only {guided[0]} is autoguided, so part of any difference comes from its guide; switch it off above "
+            "to compare the networks alone.")
 
 if st.button("Generate both", type="primary", key="compare"):
     ui.enforce_limits(request.num_images, sum(planned_evaluations(m, r) for m, r in zip((left, right), requests)))

@@ -124,3 +124,22 @@ def test_explore_page_interpolates_in_the_browser(browser_and_url):
     assert strip.evaluate("img => img.naturalWidth") > 9 * 64
     page.screenshot(path=str(ARTIFACTS / "explore.png"), full_page=True)
     page.close()
+
+
+def test_public_mode_in_the_browser(browser_and_url, tmp_path):
+    env = {"BIRDGEN_RUNS_DIR": str(tmp_path / "runs"), "BIRDGEN_PUBLIC": "1",
+           "BIRDGEN_PUBLIC_MAX_EVALUATIONS": "40"}
+    with fresh_server_page(browser_and_url[0], env) as (url, page):
+        page.goto(url + "/train", wait_until="networkidle")
+        page.get_by_text("Training is off on this server").wait_for(timeout=60_000)
+        nav = page.locator("[data-testid='stSidebarNav']")
+        nav.get_by_text("Metrics").wait_for(timeout=30_000)
+        assert "Train" not in nav.inner_text()
+        assert page.get_by_role("button", name="Start training").count() == 0
+        assert page.get_by_text("Deploy", exact=True).count() == 0
+        page.goto(url, wait_until="networkidle")
+        page.get_by_text("birdgen — generate birds").wait_for(timeout=60_000)
+        page.get_by_role("button", name="Generate", exact=True).click()  # 8 images × 10 steps > 40
+        page.get_by_text("is more than this public server allows per request (40)").wait_for(timeout=60_000)
+        assert page.locator("[data-testid='stImage'] img").count() == 0
+        page.screenshot(path=str(ARTIFACTS / "public-mode.png"), full_page=True)

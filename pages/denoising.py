@@ -43,8 +43,8 @@ right.line_chart(pd.DataFrame({"signal √ᾱ_t": curves["signal"], "noise √(1
                  x_label="timestep t", height=260)
 
 st.header("Reverse process: from noise to a bird")
-choice = ui.guidance_controls(model, "chain")
-request = ui.with_guidance(model, ui.sampler_controls("chain", max_images=4, default_images=1, model=model), choice)
+sampling = ui.sampler_controls("chain", max_images=4, default_images=1, model=model)
+request = ui.with_guidance(model, sampling, ui.guidance_controls(model, "chain"))
 if st.button("Run the sampler", type="primary", key="run_chain"):
     ui.enforce_request_limits(model, request)
     with ui.queued_turn():

@@ -16,8 +16,8 @@ st.markdown("A diffusion model turns pure noise into a 64×64 bird, one denoisin
 controls, output = st.columns([1, 2])
 with controls:
     model = ui.model_picker(prefer="small-attn")
-    choice = ui.guidance_controls(model, "gen")
-    request = ui.with_guidance(model, ui.sampler_controls("gen", model=model), choice)
+    sampling = ui.sampler_controls("gen", model=model)
+    request = ui.with_guidance(model, sampling, ui.guidance_controls(model, "gen"))
     pressed = st.button("Generate", type="primary", key="generate")
     cancelled = st.session_state.get("cancel", False)
 

@@ -21,7 +21,7 @@ import json
 
 import torch
 
-from common import REAL_CUB, REPO, machine, score_samples
+from common import REAL_CUB, REPO, machine, score_samples, stored_results
 from birdgen.checkpoint import check_guide, load_model
 from birdgen.data import load_crops, recover_split
 from birdgen.evaluation import EvalSettings, real_features
@@ -105,7 +105,7 @@ def main() -> None:
     if args.picture:
         same_noise_picture(args.model, args.picture)
         return
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results = stored_results(RESULTS)
     if args.plot_only:
         plot(results)
         print(table(results))

@@ -107,3 +107,8 @@ def score_samples(model, settings, reference, extractor) -> dict:
     return {"fd": round(scores["fid"], 2), "kid": round(scores["kid_mean"], 4), "kid_std": round(scores["kid_std"], 4),
             "precision": round(scores["precision"], 3), "recall": round(scores["recall"], 3),
             "images_per_s": round(settings.num_samples / seconds, 2), "seconds": round(seconds, 1)}
+
+
+def stored_results(path: Path) -> dict:
+    """A benchmark's results file, or {} before its first run."""
+    return json.loads(path.read_text()) if path.is_file() else {}

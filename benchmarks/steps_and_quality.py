@@ -19,7 +19,7 @@ import json
 import numpy as np
 import torch
 
-from common import REAL_CUB, REPO, alternate, machine, score_samples
+from common import REAL_CUB, REPO, alternate, machine, score_samples, stored_results
 from birdgen.checkpoint import load_model
 from birdgen.data import load_crops, recover_split
 from birdgen.evaluation import EvalSettings, real_features
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--speed", action="store_true",
                         help="also time 64 images from each student against the teacher's DDIM 50, in turns")
     args = parser.parse_args()
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results = stored_results(RESULTS)
     if args.plot_only:
         plot(results)
         print(table(results))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .diffusion import DiffusionConfig, NoiseSchedule
-from .guidance import NO_GUIDE, GuidanceError, GuidanceRecord, ResolvedGuidance, resolve_guidance
+from .guidance import GUIDE_WEIGHT, NO_GUIDE, GuidanceError, GuidanceRecord, ResolvedGuidance, resolve_guidance
 from .networks import UNet, UNetConfig, parameter_count
 from .samplers import SAMPLERS, Denoiser
 from .utils import check_field_types, writing
@@ -291,6 +291,8 @@ def load_model(path_or_hub_id: str | os.PathLike, device: str | torch.device = "
         location = guide if guide else folder / named
         model.guide = load_model(location, device, guide=NO_GUIDE)
         check_guide(model, model.guide, str(location))
+        if model.guidance is None or model.guidance.guide_weight == 1:  # a guide given to a model with no weight
+            model.guidance = replace(model.guidance or GuidanceRecord(), guide_weight=GUIDE_WEIGHT)
     return model
 
 

@@ -115,43 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(distiller, DistillConfig)
     distiller.set_defaults(handler=cmd_distill)
 
-    export = commands.add_parser("export", help="turn a run (training or distillation) into a model folder with a"
-                                                " model card")
-    export.add_argument("run", help="run folder")
-    export.add_argument("--to", required=True, help="model folder to write, e.g. models/NAME")
-    export.add_argument("--fp32", action="store_true", help="store float32 weights (default: float16)")
-    export.add_argument("--heldout-batches", type=int, default=4, help="batches of held-out crops for the card's loss")
-    export.add_argument("--steps", type=int, help="distillation runs: the student for this many steps (default: the"
-                                                  " run's target; every round's student is kept)")
-    export.add_argument("--checkpoint-step", type=int, metavar="STEP",
-                        help="training runs: export the checkpoint of this step (default: the latest)")
-    export.add_argument("--guide", metavar="FOLDER", help="name this guide model in the folder's config, so that"
-                        " sampling autoguides by default (default: keep the link the folder already has)")
-    export.add_argument("--guide-weight", type=float, metavar="W",
-                        help=f"with --guide: autoguidance w ({GUIDE_WEIGHT_RANGE[0]:g}-{GUIDE_WEIGHT_RANGE[1]:g},"
-                             f" default {GUIDE_WEIGHT:g})")
-    export.add_argument("--guide-interval", metavar="LOW,HIGH|all",
-                        help="with --guide: timesteps where guidance applies (default: all)")
-    export.add_argument("--guides", metavar="MODEL", help="this model is the autoguidance guide of MODEL: its card"
-                                                          " says so")
-    export.set_defaults(handler=cmd_export)
-
-    link = commands.add_parser("set-guide", help="name the guide a model folder autoguides with by default")
-    link.add_argument("--model", required=True, help="model folder")
-    link.add_argument("--guide", required=True, metavar=f"FOLDER|{NO_GUIDE}",
-                      help=f"the guide model folder; '{NO_GUIDE}' removes the link")
-    link.add_argument("--guide-weight", type=float, metavar="W",
-                      help=f"autoguidance w ({GUIDE_WEIGHT_RANGE[0]:g}-{GUIDE_WEIGHT_RANGE[1]:g}, default {GUIDE_WEIGHT:g})")
-    link.add_argument("--guide-interval", metavar="LOW,HIGH|all",
-                      help="timesteps where guidance applies, 0 least noisy (default: all)")
-    link.set_defaults(handler=cmd_set_guide)
-
-    push = commands.add_parser("push", help="upload a model folder to the Hugging Face Hub")
-    push.add_argument("folder")
-    push.add_argument("repo_id", help="owner/name")
-    push.add_argument("--private", action="store_true")
-    push.set_defaults(handler=cmd_push)
-
+    add_model_folder_parsers(commands)
     add_editing_parsers(commands)
     add_eval_parser(commands)
     return parser
@@ -209,6 +173,46 @@ def cmd_eval(args) -> int:
     if Path(args.model).is_dir():  # never into the Hub cache
         print(f"wrote {save_evaluation(model, evaluation)}")
     return 0
+
+
+def add_model_folder_parsers(commands) -> None:
+    """export, set-guide and push: commands that write or publish a model folder."""
+    export = commands.add_parser("export", help="turn a run (training or distillation) into a model folder with a"
+                                                " model card")
+    export.add_argument("run", help="run folder")
+    export.add_argument("--to", required=True, help="model folder to write, e.g. models/NAME")
+    export.add_argument("--fp32", action="store_true", help="store float32 weights (default: float16)")
+    export.add_argument("--heldout-batches", type=int, default=4, help="batches of held-out crops for the card's loss")
+    export.add_argument("--steps", type=int, help="distillation runs: the student for this many steps (default: the"
+                                                  " run's target; every round's student is kept)")
+    export.add_argument("--checkpoint-step", type=int, metavar="STEP",
+                        help="training runs: export the checkpoint of this step (default: the latest)")
+    export.add_argument("--guide", metavar="FOLDER", help="name this guide model in the folder's config, so that"
+                        " sampling autoguides by default (default: keep the link the folder already has)")
+    export.add_argument("--guide-weight", type=float, metavar="W",
+                        help=f"with --guide: autoguidance w ({GUIDE_WEIGHT_RANGE[0]:g}-{GUIDE_WEIGHT_RANGE[1]:g},"
+                             f" default {GUIDE_WEIGHT:g})")
+    export.add_argument("--guide-interval", metavar="LOW,HIGH|all",
+                        help="with --guide: timesteps where guidance applies (default: all)")
+    export.add_argument("--guides", metavar="MODEL", help="this model is the autoguidance guide of MODEL: its card"
+                                                          " says so")
+    export.set_defaults(handler=cmd_export)
+
+    link = commands.add_parser("set-guide", help="name the guide a model folder autoguides with by default")
+    link.add_argument("--model", required=True, help="model folder")
+    link.add_argument("--guide", required=True, metavar=f"FOLDER|{NO_GUIDE}",
+                      help=f"the guide model folder; '{NO_GUIDE}' removes the link")
+    link.add_argument("--guide-weight", type=float, metavar="W",
+                      help=f"autoguidance w ({GUIDE_WEIGHT_RANGE[0]:g}-{GUIDE_WEIGHT_RANGE[1]:g}, default {GUIDE_WEIGHT:g})")
+    link.add_argument("--guide-interval", metavar="LOW,HIGH|all",
+                      help="timesteps where guidance applies, 0 least noisy (default: all)")
+    link.set_defaults(handler=cmd_set_guide)
+
+    push = commands.add_parser("push", help="upload a model folder to the Hugging Face Hub")
+    push.add_argument("folder")
+    push.add_argument("repo_id", help="owner/name")
+    push.add_argument("--private", action="store_true")
+    push.set_defaults(handler=cmd_push)
 
 
 def add_editing_parsers(commands) -> None:
@@ -278,9 +282,6 @@ def add_guidance_flags(parser: argparse.ArgumentParser, species: bool = True) ->
 def load_guided_model(args, device):
     """The model named by --model, with the guide that --guide picks (else its config's)."""
     model = load_model(args.model, device, guide=args.guide)
-    if args.guide and args.guide != NO_GUIDE and args.guide_weight is None and (
-            model.guidance is None or model.guidance.guide_weight == 1):
-        args.guide_weight = GUIDE_WEIGHT
     args.guide_interval = parse_interval(args.guide_interval, model.schedule.num_steps) if args.guide_interval \
         else None
     return model

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 SPECIES_WEIGHT = 3.0  # classifier-free guidance w when a model names none
 SPECIES_WEIGHT_RANGE = (0.0, 15.0)  # 0 ignores the species, 1 is the plain conditional model
-GUIDE_WEIGHT = 2.0  # autoguidance w for a guide given on the command line without a weight
+GUIDE_WEIGHT = 2.0  # autoguidance w for a guide named (in config.json or by --guide) without a weight
 GUIDE_WEIGHT_RANGE = (0.0, 5.0)  # 1 is the main model alone, 0 the guide alone
 NO_GUIDE = "none"  # what --guide takes to sample without the model's guide
 

@@ -92,21 +92,12 @@ def check_student_sampler(model: BirdModel, sampler: str, steps: int | None, eta
 
 
 def planned_evaluations(model: BirdModel, request: GenerationRequest) -> int:
-    """Network forward passes per image this request will run (both halves of a species-guided
-    pass and each guide pass counted), as `Denoiser.passes` will count them; known before running."""
+    """Network forward passes per image this request will run, guide passes included, as
+    `Denoiser.passes` will count them; known before running."""
     sampler = make_request_sampler(model, request)
-    guidance = model.resolve_guidance(request.guidance, request.guide_weight, request.interval)
-    def passes(weight: float) -> int:  # a species-guided pass runs both halves in one batch
-        return 2 if request.species and weight not in (0, 1) else 1
-
-    total = 0
-    for t in sampler.timesteps:
-        inside = guidance.interval is None or guidance.interval[0] <= t <= guidance.interval[1]
-        species_weight = guidance.species_weight if inside else 1.0
-        guide_weight = guidance.guide_weight if inside else 1.0
-        total += (passes(species_weight) if guide_weight != 0 else 0) + (
-            passes(min(species_weight, 1.0)) if guide_weight != 1 else 0)
-    return total
+    labels = torch.zeros(len(request.species), dtype=torch.long) if request.species else None
+    denoiser = request_denoiser(model, request, labels)
+    return sum(sum(denoiser.passes_at(t).values()) for t in sampler.timesteps)
 
 
 def request_denoiser(model: BirdModel, request: GenerationRequest, labels: torch.Tensor | None = None) -> Denoiser:

@@ -74,15 +74,26 @@ class Denoiser:
         self.interval = interval
         self.passes = {"main": 0, "guide": 0}
 
-    def guided_at(self, t: int) -> bool:
-        return self.interval is None or self.interval[0] <= t <= self.interval[1]
+    def weights_at(self, t: int) -> tuple[float, float]:
+        """(species weight, guide weight) at timestep t: the plain conditional model outside the interval."""
+        inside = self.interval is None or self.interval[0] <= t <= self.interval[1]
+        return (self.guidance if inside else 1.0), (self.guide_weight if inside and self.guide is not None else 1.0)
+
+    def passes_at(self, t: int) -> dict[str, int]:
+        """The forward passes per image `output` runs at timestep t, by network (a species-guided
+        pass runs both halves in one batch and counts two)."""
+        species_weight, guide_weight = self.weights_at(t)
+
+        def passes(weight: float) -> int:
+            return 2 if self.labels is not None and weight not in (0, 1) else 1
+
+        return {"main": passes(species_weight) if guide_weight != 0 else 0,
+                "guide": passes(min(species_weight, 1.0)) if guide_weight != 1 else 0}
 
     def output(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         """The network's guided output at one timestep, float32."""
         timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        inside = self.guided_at(t)
-        species_weight = self.guidance if inside else 1.0
-        guide_weight = self.guide_weight if inside and self.guide is not None else 1.0
+        species_weight, guide_weight = self.weights_at(t)
         if guide_weight == 0:
             return self._species_output(self.guide, "guide", x_t, timesteps, min(species_weight, 1.0))
         main = self._species_output(self.model, "main", x_t, timesteps, species_weight)

@@ -23,7 +23,7 @@ from .networks import PRESETS, parameter_count, preset
 from .pipeline import DEFAULT_SAMPLING, GenerationRequest, generation_steps, make_request_sampler
 from .samplers import DEFAULT_STEPS, SAMPLERS
 from .training_loop import TrainConfig, TrainingError, train
-from .utils import WriteError, machine_description, pick_device, save_grid
+from .utils import WriteError, machine_description, resolve_device, save_grid
 
 USER_ERRORS = (DatasetError, ModelError, TrainingError, DownloadError, EditError, ValueError, FileNotFoundError,
                WriteError)
@@ -156,7 +156,7 @@ def cmd_eval(args) -> int:
     from .features import choose_feature_space
 
     choose_feature_space(args.features, args.inception_weights)  # a missing extractor fails before loading anything
-    model = load_guided_model(args, pick_device(args.device))
+    model = load_guided_model(args, resolve_device(args.device))
     settings = EvalSettings(args.split, args.num_samples, args.sampler, args.steps, args.eta, args.batch_size,
                             args.seed, not args.no_memorization, args.guidance, args.guide_weight,
                             args.guide_interval)
@@ -358,7 +358,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     if args.model:
         model = load_guided_model(args, device)
     else:
@@ -437,7 +437,7 @@ def cmd_interpolate(args) -> int:
     from .visualize import to_gif
     from .utils import grid_image
 
-    model = load_guided_model(args, pick_device(args.device))
+    model = load_guided_model(args, resolve_device(args.device))
     species = None
     if args.species:
         from .species import resolve_species
@@ -460,7 +460,7 @@ def cmd_edit(args) -> int:
 
     from .editing import EditRequest, sdedit_steps
 
-    model = load_guided_model(args, pick_device(args.device))
+    model = load_guided_model(args, resolve_device(args.device))
     image = read_picture(args.image, model.network_config.image_size)
     species = None
     if args.species:
@@ -482,7 +482,7 @@ def cmd_inpaint(args) -> int:
 
     from .editing import RePaintSampler, inpaint_steps, make_mask
 
-    model = load_guided_model(args, pick_device(args.device))
+    model = load_guided_model(args, resolve_device(args.device))
     size = model.network_config.image_size
     image = read_picture(args.image, size)
     mask = make_mask(args.mask, size, tuple(args.box) if args.box else None)

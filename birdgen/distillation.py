@@ -12,26 +12,24 @@ teacher.safetensors = this round's teacher and state.pt, samples/), so it resume
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .checkpoint import ModelError, atomic_write_text, config_dict, load_model, save_model
+from .checkpoint import BirdModel, ModelError, config_dict, load_model, save_model
 from .data import load_crops, recover_split
 from .diffusion import DiffusionConfig, NoiseSchedule
 from .networks import UNet, UNetConfig, parameter_count
-from .samplers import DDIMSampler, Denoiser, initial_noise, run_to_end
-from .training_loop import (BatchStream, Checkpoints, MetricsLog, StepTallies, StopRequests, TrainingError, check_streak,
-                            config_from_dict, draw_batch, peak_memory_mb, prepare_run_dir, resolve_device,
-                            resolve_precision)
-from .utils import machine_description, save_grid
+from .run_folder import BatchStream, LoopState, RunFolder, StopRequests, TrainingError, read_state, save_weights
+from .samplers import DDIMSampler
+from .training_loop import check_streak, config_from_dict, draw_batch, log_interval, preview_images, resolve_precision
+from .utils import machine_description, resolve_device, writing
 
 METHOD = "progressive distillation (Salimans & Ho 2022)"
 RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_threads", "progress",
@@ -191,148 +189,144 @@ def load_teacher(config: DistillConfig, device: torch.device):
     return teacher
 
 
+class DistillState(LoopState):
+    """A distillation run's LoopState: the student and this round's teacher, and the round."""
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, lr: float, generator: torch.Generator,
+                 stream: BatchStream, device: torch.device):
+        self.student, self.teacher, self.lr = student, teacher, lr
+        super().__init__({"model": student, "teacher": teacher}, self.new_optimizer(device), generator, stream,
+                         device)
+        self.round = 0
+
+    def new_optimizer(self, device: torch.device) -> torch.optim.Optimizer:
+        """Each round starts a fresh AdamW; its learning rate decays to 0 within the round."""
+        return torch.optim.AdamW(self.student.parameters(), lr=self.lr, weight_decay=0.0, fused=device.type == "cuda")
+
+    def state_dict(self, reason: str) -> dict:
+        return {**super().state_dict(reason), "round": self.round}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.round = state["round"]
+
+    def next_round(self) -> None:
+        """This round's student becomes the next round's teacher."""
+        self.round += 1
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.optimizer = self.new_optimizer(self.device)
+
+
+def distillation_step(state: DistillState, loss_fn: ProgressiveDistillationLoss, images: torch.Tensor,
+                      config: DistillConfig) -> bool:
+    """One optimizer step at the round's learning rate; a non-finite one is not taken."""
+    in_round = state.step - state.round * config.round_steps
+    for group in state.optimizer.param_groups:
+        group["lr"] = config.lr * (1 - in_round / config.round_steps)
+    x0, index, noise, _ = draw_batch(images, state.stream, state.generator, loss_fn.student_steps,
+                                     channels_last=config.channels_last)
+    loss = loss_fn(state.student, state.teacher, x0, noise, index)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.student.parameters(), config.grad_clip or float("inf"))
+    finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+    state.tallies.add(loss, grad_norm, finite)
+    if not bool(finite):
+        state.optimizer.zero_grad(set_to_none=True)
+        check_streak(int(state.tallies.streak), config.max_nonfinite, state.step)
+        return False
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return True
+
+
+def teacher_crops(config: DistillConfig, teacher: BirdModel, crops, device: torch.device) -> torch.Tensor:
+    """The teacher's own training crops (its split record), uint8 NHWC on `device`."""
+    data = teacher.data or {}
+    crops = crops if crops is not None else load_crops(config.data, data.get("image_size", 64), data.get("crop", "square"),
+                                                       data.get("padding", 0.1), progress=config.progress)
+    try:
+        train_indices, _ = recover_split(teacher.data, crops, f"teacher {config.teacher}")
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    return torch.from_numpy(crops.images[train_indices]).to(device)
+
+
 def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
             crops=None) -> Path:
     """Runs every round; returns the last checkpoint. Safe to stop at any time (Ctrl-C saves)."""
     config.validate()
-    run_dir = Path(out)
-    device = resolve_device(config.device)
+    try:
+        device = resolve_device(config.device)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
     teacher_model = load_teacher(config, device)
     schedule = teacher_model.schedule
-    prepare_run_dir(run_dir, config, resume, overwrite, RESUMABLE_CHANGES)
+    folder = RunFolder(out, config.keep_checkpoints, RESUMABLE_CHANGES)
+    folder.prepare(config, resume, overwrite)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     autocast_dtype = resolve_precision(config, device)
-    data = teacher_model.data or {}
-    crops = crops if crops is not None else load_crops(config.data, data.get("image_size", 64), data.get("crop", "square"),
-                                                       data.get("padding", 0.1), progress=config.progress)
-    try:
-        train_indices, _ = recover_split(teacher_model.data, crops, f"teacher {config.teacher}")
-    except ValueError as error:
-        raise TrainingError(str(error)) from None
-    images = torch.from_numpy(crops.images[train_indices]).to(device)
-
+    images = teacher_crops(config, teacher_model, crops, device)
     teacher = teacher_model.network.eval().requires_grad_(False)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     if config.channels_last:
         teacher, student = (n.to(memory_format=torch.channels_last) for n in (teacher, student))
-    stream = BatchStream(len(train_indices), config.batch_size, config.seed)
     generator = torch.Generator().manual_seed(config.seed + 1)  # flips, grid points and noise
-    checkpoints = Checkpoints(run_dir, config.keep_checkpoints)
-    step, train_seconds, skipped_total, round_index = 0, 0.0, 0, 0
-    optimizer_state = None
-
-    latest = checkpoints.latest() if resume else None
+    state = DistillState(student, teacher, config.lr, generator,
+                         BatchStream(len(images), config.batch_size, config.seed), device)
+    latest = folder.checkpoints.latest() if resume else None
     if latest is not None:
-        student.load_state_dict(load_file(str(latest / "model.safetensors"), device=str(device)))
-        teacher.load_state_dict(load_file(str(latest / "teacher.safetensors"), device=str(device)))
-        state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)
-        generator.set_state(state["generator"])
-        stream = BatchStream(len(train_indices), config.batch_size, config.seed, state["epoch"], state["position"])
-        step, train_seconds, skipped_total = state["step"], state["train_seconds"], state["skipped_steps"]
-        round_index, optimizer_state = state["round"], state["optimizer"]
-
-    def new_round(index: int):
-        optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0,
-                                      fused=device.type == "cuda")
-        return optimizer, ProgressiveDistillationLoss(schedule, config.student_steps(index), autocast_dtype, device)
-
-    optimizer, loss_fn = new_round(round_index)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.json", json.dumps(asdict(config), indent=2) + "\n")
-    log = MetricsLog(run_dir / "metrics.jsonl", "none", config, run_dir)
-    log.truncate_after(step)
-    if latest is None:
-        (run_dir / "metrics.jsonl").write_text("")
-        atomic_write_text(run_dir / "run.json", json.dumps({
-            "kind": "distillation", "machine": machine_description(device), "parameters": parameter_count(student),
-            "teacher": str(config.teacher), "teacher_training": teacher_model.training, "data": teacher_model.data,
-            "teacher_distillation": teacher_model.distillation,
-            "train_images": len(train_indices),
-            **config_dict(teacher_model.network_config, teacher_model.diffusion_config)}, indent=2) + "\n")
+        state.load(latest)
+    machine = machine_description(device)
+    folder.start(config, state.step, machine, lambda: {
+        "kind": "distillation", "parameters": parameter_count(student), "teacher": str(config.teacher),
+        "teacher_training": teacher_model.training, "data": teacher_model.data,
+        "teacher_distillation": teacher_model.distillation, "train_images": len(images),
+        **config_dict(teacher_model.network_config, teacher_model.diffusion_config)})
     print(f"Distilling {config.teacher} ({parameter_count(student):,} parameters): DDIM {config.teacher_steps} ->"
           f" {config.steps_target} steps in {config.rounds} rounds of {config.round_steps} steps of batch"
-          f" {config.batch_size} · {len(train_indices)} training crops · {machine_description(device)}", flush=True)
+          f" {config.batch_size} · {len(images)} training crops · {machine}", flush=True)
     if latest is not None:
-        print(f"Resuming {run_dir} from {latest.name} at step {step} (round {round_index + 1})", flush=True)
-
-    def save(reason: str) -> Path:
-        state = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "epoch": stream.epoch,
-                 "position": stream.position, "step": step, "round": round_index, "train_seconds": train_seconds,
-                 "skipped_steps": int(tallies.skipped), "images_seen": step * config.batch_size, "reason": reason}
-        return checkpoints.save(step, {"model": student, "teacher": teacher}, state)
-
-    def preview() -> None:
-        noise, _ = initial_noise(config.sample_count, images.shape[1], seed=1234, device=device)
-        denoiser = Denoiser(student, schedule, autocast_dtype, config.channels_last)
-        student.eval()
-        samples = run_to_end(DDIMSampler(schedule, loss_fn.student_steps), denoiser, noise)
-        student.train()
-        (run_dir / "samples").mkdir(exist_ok=True)
-        save_grid(samples, run_dir / "samples" / f"step-{step:07d}.png")
-        save_grid(samples, run_dir / "samples" / "latest.png")
+        print(f"Resuming {folder.path} from {latest.name} at step {state.step} (round {state.round + 1})", flush=True)
 
     stop = StopRequests()
-    bar = tqdm(total=config.total_steps, initial=step, desc="Distilling", unit="step", disable=not config.progress,
-               dynamic_ncols=True)
-    tallies = StepTallies(device, skipped_total)
-    last_saved = step
+    bar = tqdm(total=config.total_steps, initial=state.step, desc="Distilling", unit="step",
+               disable=not config.progress, dynamic_ncols=True)
+    last_saved = state.step
+    loss_fn = None
     try:
-        while step < config.total_steps and not stop:
-            if step // config.round_steps != round_index:  # a new round: this round's student teaches the next
-                round_index = step // config.round_steps
-                teacher.load_state_dict(student.state_dict())
-                optimizer, loss_fn = new_round(round_index)
+        while state.step < config.total_steps and not stop:
+            if state.step // config.round_steps != state.round:
+                state.next_round()
+            if loss_fn is None or loss_fn.student_steps != config.student_steps(state.round):
+                loss_fn = ProgressiveDistillationLoss(schedule, config.student_steps(state.round), autocast_dtype,
+                                                      device)
             started = time.perf_counter()
-            in_round = step - round_index * config.round_steps
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * (1 - in_round / config.round_steps)
-            x0, index, noise, _ = draw_batch(images, stream, generator, loss_fn.student_steps,
-                                             channels_last=config.channels_last)
-            loss = loss_fn(student, teacher, x0, noise, index)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip or float("inf"))
-            finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-            tallies.add(loss, grad_norm, finite)
-            if not bool(finite):
-                optimizer.zero_grad(set_to_none=True)
-                check_streak(int(tallies.streak), config.max_nonfinite, step)
+            if not distillation_step(state, loss_fn, images, config):
                 continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
             bar.update(1)
-            if step % config.log_every == 0:
-                figures = tallies.read()
-                record = {"step": step, "round": round_index + 1, "student_steps": loss_fn.student_steps,
-                          "loss": figures["loss"], "lr": optimizer.param_groups[0]["lr"],
-                          "images_per_s": config.log_every * config.batch_size / figures["seconds"],
-                          "images_seen": step * config.batch_size, "skipped_steps": figures["skipped"],
-                          "memory_mb": peak_memory_mb(device), "time": time.time()}
-                log.write(record)
-                bar.set_postfix(round=f"{round_index + 1}/{config.rounds}", steps=loss_fn.student_steps,
-                                loss=f"{record['loss']:.4f}")
-            train_seconds += time.perf_counter() - started
-            round_done = step % config.round_steps == 0
+            if state.step % config.log_every == 0:
+                log_interval(state, folder, config, bar, round=state.round + 1, student_steps=loss_fn.student_steps)
+            state.train_seconds += time.perf_counter() - started
+            round_done = state.step % config.round_steps == 0
             if round_done:
-                save_student(student, student_file(run_dir, loss_fn.student_steps))
-            if step % config.sample_every == 0 or round_done:
-                preview()
-            if step % config.checkpoint_every == 0 or round_done:
-                save("interval")
-                last_saved = step
-        if step != last_saved:
-            save("signal" if stop else "end")
+                save_student(student, student_file(folder.path, loss_fn.student_steps))
+            if state.step % config.sample_every == 0 or round_done:
+                folder.save_preview(preview_images(student, schedule, config, images.shape[1], autocast_dtype,
+                                                   loss_fn.student_steps), state.step)
+            if state.step % config.checkpoint_every == 0 or round_done:
+                state.save(folder, "interval")
+                last_saved = state.step
+        if state.step != last_saved:
+            state.save(folder, "signal" if stop else "end")
         if stop:
-            bar.write(f"Stopped by signal at step {step}; resume with --resume")
+            bar.write(f"Stopped by signal at step {state.step}; resume with --resume")
     finally:
         bar.close()
-        log.close()
+        folder.close()
         stop.release()
-    return checkpoints.latest()
+    return folder.checkpoints.latest()
 
 
 def student_file(run_dir: Path, steps: int) -> Path:
@@ -341,18 +335,20 @@ def student_file(run_dir: Path, steps: int) -> Path:
 
 def save_student(student: torch.nn.Module, path: Path) -> None:
     """Each round's final student, so one run gives every step count it passed through."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, str(temporary))
-    os.replace(temporary, path)
+    with writing(path, "the round's student", temporary):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(student, temporary)
+        os.replace(temporary, path)
 
 
 def export_student(run_dir: str | os.PathLike, out: str | os.PathLike, steps: int | None = None,
                    half: bool = True) -> Path:
     """Writes the round's student for `steps` DDIM steps (default: the run's target) as a model
     folder that records its sampler."""
-    run_dir = Path(run_dir)
-    config = DistillConfig.from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
+    folder = RunFolder(run_dir, 1, set())
+    run_dir = folder.path
+    config = DistillConfig.from_dict(folder.config_values(), str(run_dir / "config.json"))
     steps = config.steps_target if steps is None else steps
     rounds = [config.student_steps(r) for r in range(config.rounds)]
     if steps not in rounds:
@@ -362,13 +358,12 @@ def export_student(run_dir: str | os.PathLike, out: str | os.PathLike, steps: in
     if not path.is_file():
         raise TrainingError(f"{run_dir}: round {round_index + 1} ({steps} steps) has not finished; continue with"
                             " `birdgen distill --resume`")
-    run = json.loads((run_dir / "run.json").read_text())
+    run = folder.info()
     network_config, diffusion_config = UNetConfig.from_dict(run["network"]), DiffusionConfig(**run["diffusion"])
     student = UNet(network_config)
     student.load_state_dict(load_file(str(path)))
-    latest = Checkpoints(run_dir, 1).latest()
-    seconds = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)["train_seconds"] \
-        if latest is not None else 0.0
+    latest = folder.checkpoints.latest()
+    seconds = read_state(latest)["train_seconds"] if latest is not None else 0.0
     done_steps = (round_index + 1) * config.round_steps
     distillation = {"method": METHOD, "teacher": run["teacher"], "teacher_steps": config.teacher_steps,
                     "rounds": round_index + 1, "round_steps": config.round_steps, "batch_size": config.batch_size,

@@ -13,7 +13,8 @@ from .data import load_crops, split_record
 from .diffusion import heldout_loss
 from .guidance import GUIDE_WEIGHT, NO_GUIDE, SPECIES_WEIGHT, GuidanceRecord
 from .samplers import DDIMSampler, initial_noise, run_to_end
-from .training_loop import TrainConfig, export_run, read_metrics
+from .run_folder import read_metrics
+from .training_loop import TrainConfig, export_run
 from .utils import save_grid
 
 GRID_SEED = 0

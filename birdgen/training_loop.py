@@ -1,12 +1,5 @@
-"""`birdgen train`: the training loop, its config, checkpoints and exact resume.
-
-A run folder holds::
-
-    config.json          the resolved TrainConfig
-    metrics.jsonl        one JSON line per logging interval
-    checkpoints/step-NNNNNNN/   model.safetensors, ema.safetensors, state.pt (optimizer, RNGs, …)
-    samples/step-NNNNNNN.png    DDIM previews from a fixed seed with the EMA weights
-"""
+"""`birdgen train`: the training loop and its config (the run folder it writes, and how it
+resumes exactly, are `run_folder`'s)."""
 
 from __future__ import annotations
 
@@ -15,33 +8,28 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import signal
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_text, config_dict, save_model
+from .checkpoint import config_dict, save_model
 from .data import CubCrops, load_crops, random_flip, to_model_range
 from .diffusion import DiffusionConfig, DiffusionLoss, NoiseSchedule
 from .guidance import SPECIES_WEIGHT
 from .networks import UNet, UNetConfig, parameter_count, preset
+from .run_folder import (BatchStream, LoopState, MetricsLog, RunFolder, StopRequests, TrainingError, read_state)
 from .samplers import DDIMSampler, Denoiser, initial_noise, run_to_end
-from .utils import check_field_types, machine_description, save_grid, writing
+from .utils import check_field_types, machine_description, resolve_device
 
 # Settings that may change when a run is resumed; any other difference means another run.
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_threads",
                      "log", "progress", "compile", "max_nonfinite", "device", "precision", "channels_last",
                      "sync_free", "max_minutes"}
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or go on; the message says why in one line."""
 
 
 @dataclass
@@ -219,33 +207,6 @@ class EMA:
             ema_buffer.copy_(buffer)
 
 
-class BatchStream:
-    """Endless shuffled batches of dataset indices; its state is (epoch, position), so a
-    resumed run continues the exact same order. Each epoch's order is seeded by (seed, epoch)."""
-
-    def __init__(self, size: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.epoch, self.position = epoch, position
-        self.order = self._order(epoch)
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-
-    def next(self) -> torch.Tensor:
-        taken = []
-        needed = self.batch_size
-        while needed:
-            chunk = self.order[self.position:self.position + needed]
-            taken.append(chunk)
-            needed -= len(chunk)
-            self.position += len(chunk)
-            if self.position == self.size:
-                self.epoch += 1
-                self.position = 0
-                self.order = self._order(self.epoch)
-        return torch.cat(taken)
-
-
 def draw_batch(images: torch.Tensor, stream: BatchStream, generator: torch.Generator, num_steps: int,
                local: slice = slice(None), channels_last: bool = True, labels: torch.Tensor | None = None,
                label_dropout: float = 0.0, null_class: int = 0):
@@ -268,41 +229,6 @@ def draw_batch(images: torch.Tensor, stream: BatchStream, generator: torch.Gener
     if channels_last:
         x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
     return x0, t, noise, y
-
-
-class StepTallies:
-    """Each log interval's sums of loss and gradient norm over the steps taken, and the counts of
-    skipped steps, kept as tensors on the training device: adding to them never waits for the
-    GPU, and `read()` (once per log interval) is the only host round-trip."""
-
-    def __init__(self, device: torch.device, skipped: int = 0):
-        zero = torch.zeros((), dtype=torch.long, device=device)
-        self.skipped, self.streak, self.worst_streak = zero + skipped, zero.clone(), zero.clone()
-        self._start_interval()
-
-    def _start_interval(self) -> None:
-        device = self.skipped.device
-        self.loss, self.grad_norm = torch.zeros((), device=device), torch.zeros((), device=device)
-        self.count = torch.zeros((), dtype=torch.long, device=device)
-        self.started = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, finite: torch.Tensor) -> None:
-        self.loss += torch.where(finite, loss.detach().float(), 0.0)
-        self.grad_norm += torch.where(finite, grad_norm.float(), 0.0)
-        self.count += finite
-        self.skipped += ~finite
-        self.streak = torch.where(finite, 0, self.streak + 1)
-        self.worst_streak = torch.maximum(self.worst_streak, self.streak)
-
-    def read(self) -> dict:
-        """The interval's means (waits for the device), then starts the next interval."""
-        count = max(int(self.count), 1)
-        figures = {"loss": float(self.loss) / count, "grad_norm": float(self.grad_norm) / count,
-                   "skipped": int(self.skipped), "worst_streak": int(self.worst_streak),
-                   "seconds": time.perf_counter() - self.started}
-        self.worst_streak = self.streak.clone()
-        self._start_interval()
-        return figures
 
 
 def past(deadline: float, world: "Distributed", device: torch.device) -> bool:
@@ -362,17 +288,6 @@ class Distributed:
         return cls(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {name!r} asked for, but CUDA is not available")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
-    return device
-
-
 def resolve_precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain float32."""
     if config.precision == "auto":
@@ -386,354 +301,229 @@ def resolve_precision(config: TrainConfig, device: torch.device) -> torch.dtype 
     return torch.bfloat16 if config.precision == "bf16" else torch.float16
 
 
-class StopRequests(list):
-    """Records SIGINT/SIGTERM instead of dying, so a loop can save a checkpoint and stop; truthy
-    once one arrived. `release()` puts the previous handlers back."""
+class TrainState(LoopState):
+    """A training run's LoopState: the model and its EMA, AdamW, the learning-rate schedule,
+    the gradient scaler, and the global RNGs besides the batch generator."""
 
-    def __init__(self):
-        super().__init__()
-        self.previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, lambda signum, frame: self.append(signum))
-            except ValueError:  # not the main thread (e.g. inside the app's process): no handlers
-                pass
+    def __init__(self, model: UNet, ema: EMA, optimizer, scheduler, scaler, generator: torch.Generator,
+                 stream: BatchStream, device: torch.device):
+        super().__init__({"model": model, "ema": ema.model}, optimizer, generator, stream, device)
+        self.model, self.ema, self.scheduler, self.scaler = model, ema, scheduler, scaler
 
-    def release(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+    def state_dict(self, reason: str) -> dict:
+        cuda = self.device.type == "cuda"
+        return {**super().state_dict(reason), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
+                "generator_device": self.generator.device.type}
 
-
-class Checkpoints:
-    """Atomic checkpoints in run/checkpoints/step-NNNNNNN: written to a temporary folder,
-    flushed, then renamed; older ones are deleted only after the new one is complete."""
-
-    def __init__(self, run_dir: Path, keep: int):
-        self.directory = run_dir / "checkpoints"
-        self.keep = keep
-
-    def complete(self) -> list[Path]:
-        if not self.directory.is_dir():
-            return []
-        found = [p for p in self.directory.iterdir() if p.is_dir() and p.name.startswith("step-")
-                 and p.name[5:].isdigit() and (p / "state.pt").is_file()]
-        return sorted(found, key=lambda p: int(p.name[5:]))
-
-    def latest(self) -> Path | None:
-        complete = self.complete()
-        return complete[-1] if complete else None
-
-    def save(self, step: int, weights: dict[str, torch.nn.Module], state: dict) -> Path:
-        """`weights`: networks by file stem ({"model": …, "ema": …} → model.safetensors, ema.safetensors)."""
-        final = self.directory / f"step-{step:07d}"
-        temporary = self.directory / f".step-{step:07d}.tmp{os.getpid()}"
-        # A full disk ends the run in one line; the previous checkpoint stays the latest complete one.
-        with writing(final, f"the checkpoint of step {step} (the last complete one is kept; free some space and"
-                            " --resume)", temporary):
-            self.directory.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(temporary, ignore_errors=True)
-            temporary.mkdir()
-            for stem, network in weights.items():
-                save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()},
-                          str(temporary / f"{stem}.safetensors"))
-            torch.save(state, temporary / "state.pt")
-            for file in temporary.iterdir():
-                with open(file, "rb") as handle:
-                    os.fsync(handle.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(temporary, final)
-        for old in self.complete()[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in self.directory.glob(".step-*.tmp*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        return final
+    def load_state_dict(self, state: dict) -> None:
+        drawn_on = state.get("generator_device", "cpu")
+        if drawn_on != self.generator.device.type:
+            raise TrainingError(f"this run drew its noise on the {drawn_on} and would not continue exactly here;"
+                                f" resume with {'--no-sync-free' if drawn_on == 'cpu' else '--sync-free on a GPU'}")
+        super().load_state_dict(state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 
 
-class MetricsLog:
-    def __init__(self, path: Path, backend: str, config: TrainConfig, run_dir: Path):
-        self.path = path
-        self.backend = None
-        module = self.import_backend(backend)
-        if backend == "tensorboard":
-            self.backend = module.SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        elif backend == "wandb":
-            self.backend = module.init(project="birdgen", name=run_dir.name, dir=str(run_dir), config=asdict(config),
-                                       resume="allow", id=run_dir.name)
-
-    @staticmethod
-    def import_backend(backend: str):
-        """The logging library for `backend`, or a one-line TrainingError saying how to get it."""
-        try:
-            if backend == "tensorboard":
-                import torch.utils.tensorboard as module
-            elif backend == "wandb":
-                import wandb as module
-            else:
-                return None
-        except ImportError:
-            hint = " (set WANDB_MODE=offline to log without an account)" if backend == "wandb" else ""
-            raise TrainingError(f"--log {backend} needs the {backend} package: pip install {backend}{hint}") from None
-        return module
-
-    def truncate_after(self, step: int) -> None:
-        """Drops lines logged after the checkpoint a run resumes from, so none are doubled."""
-        if not self.path.is_file():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip()
-                and json.loads(line).get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        with writing(self.path, "the training log"), open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.backend is None:
-            return
-        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
-        if hasattr(self.backend, "add_scalar"):
-            for key, value in values.items():
-                self.backend.add_scalar(key, value, record["step"])
-        else:
-            self.backend.log(values, step=record["step"])
-
-    def close(self) -> None:
-        if self.backend is not None:
-            (self.backend.close if hasattr(self.backend, "close") else self.backend.finish)()
+def new_train_state(config: TrainConfig, network_config: UNetConfig, num_images: int, device: torch.device,
+                    sync_free: bool, autocast_dtype: torch.dtype | None) -> TrainState:
+    torch.manual_seed(config.seed)
+    model = UNet(network_config).to(device)
+    if config.init_from:  # a resumed run then loads its checkpoint over these weights
+        initialise_from(model, config.init_from, config.diffusion_config())
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = EMA(model, config.ema_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.effective_lr,
+                                  weight_decay=config.weight_decay, fused=device.type == "cuda" or sync_free)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    # flips, timesteps and noise: on the GPU itself when steps must not wait for the host
+    generator = torch.Generator(device=device if sync_free else "cpu").manual_seed(config.seed + 1)
+    stream = BatchStream(num_images, config.batch_size, config.seed)
+    return TrainState(model, ema, optimizer, scheduler, scaler, generator, stream, device)
 
 
-def prepare_run_dir(run_dir: Path, config, resume: bool, overwrite: bool,
-                    resumable: set[str] = RESUMABLE_CHANGES) -> None:
-    """Refuses to mix two different runs in one folder; `resumable` settings may change on resume."""
-    saved = run_dir / "config.json"
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    elif saved.is_file():
-        if not resume:
-            raise TrainingError(f"{run_dir}: already holds a run; pass --resume to continue it or --overwrite"
-                                " to start over")
-        previous = json.loads(saved.read_text())
-        changed = sorted(k for k, v in asdict(config).items()
-                         if k not in resumable and k in previous and json.loads(json.dumps(v)) != previous[k])
-        if changed:
-            raise TrainingError(f"{saved}: the run was started with other settings ({', '.join(changed)});"
-                                " use a new --out folder")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise TrainingError(f"{run_dir}: exists and is not a birdgen run folder; choose an empty or new --out")
+def training_images(config: TrainConfig, crops: CubCrops | None, device: torch.device, progress: bool):
+    """The training part's crops (uint8 NHWC on `device`), and for a species model their class
+    indices and the species list [[class id, name], …] in class-id order (index len(species) = none)."""
+    crops = crops if crops is not None else load_crops(config.data, config.image_size, config.crop, config.padding,
+                                                       progress=progress)
+    part = "all" if config.train_on == "all" else "train"
+    indices = crops.split_indices(config.split, part, config.seed, config.test_fraction)
+    images = torch.from_numpy(crops.images[indices]).to(device)  # converted to the model's range per batch
+    if not config.conditional:
+        return images, None, []
+    species = [[int(c), crops.class_names.get(int(c), str(c))] for c in sorted(set(crops.labels.tolist()))]
+    index_of = {class_id: index for index, (class_id, _) in enumerate(species)}
+    labels = torch.tensor([index_of[int(c)] for c in crops.labels[indices]], dtype=torch.long)
+    return images, labels, species
+
+
+def start_processes(config: TrainConfig) -> tuple["Distributed", torch.device]:
+    """Joins torchrun's process group (if any) and picks this process's device."""
+    try:
+        world = Distributed.from_environment(resolve_device(config.device).type)
+        device = resolve_device(config.device, world.local_rank)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    if config.batch_size % world.world_size:
+        raise TrainingError(f"batch_size {config.batch_size} is not divisible by the {world.world_size} processes")
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return world, device
+
+
+def skip_where_not_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """The fused AdamW reads `found_inf` as torch.amp's GradScaler sets it: where it is 1 the step
+    leaves weights, moments and step count as they were, decided on the device without a host read."""
+    optimizer.found_inf = (~finite).float()
+
+
+def take_step(state: TrainState, loss: torch.Tensor, config: TrainConfig, world: "Distributed",
+              sync_free: bool) -> bool:
+    """Backward and one AdamW step. A step whose loss or gradients are not finite is not taken:
+    the host decides (one read per step), or, sync-free, the device leaves everything as it was."""
+    state.scaler.scale(loss).backward()
+    state.scaler.unscale_(state.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip or float("inf"))
+    finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+    if world.world_size > 1:
+        flag = finite.float().to(state.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = flag.bool()
+    state.tallies.add(loss, grad_norm, finite)
+    if not sync_free and not bool(finite):
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.update()
+        check_streak(int(state.tallies.streak), config.max_nonfinite, state.step)
+        return False
+    if sync_free:
+        skip_where_not_finite(state.optimizer, finite)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    state.ema.update(state.model, state.step, finite if sync_free else None)
+    state.step += 1
+    return True
+
+
+def log_interval(state: LoopState, folder: RunFolder, config, bar, **extra) -> None:
+    """The log interval's metrics.jsonl line (the only point where a sync-free run waits for the
+    GPU); `extra` values go into the line too."""
+    figures = state.tallies.read()
+    check_streak(figures["worst_streak"], config.max_nonfinite, state.step)
+    record = {"step": state.step, **extra, "loss": figures["loss"], "lr": state.optimizer.param_groups[0]["lr"],
+              "grad_norm": figures["grad_norm"],
+              "images_per_s": config.log_every * config.batch_size / figures["seconds"],
+              "images_seen": state.images_seen, "epoch": state.stream.epoch, "skipped_steps": figures["skipped"],
+              "memory_mb": peak_memory_mb(state.device), "time": time.time()}
+    if folder.log is not None:
+        folder.log.write(record)
+        bar.set_postfix(**extra, loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+
+
+def preview_images(network: torch.nn.Module, schedule: NoiseSchedule, config, image_size: int,
+                   autocast_dtype: torch.dtype | None, steps: int, num_species: int = 0) -> torch.Tensor:
+    """DDIM samples from a fixed seed, for the run's samples/ grids; a species model's show one
+    species per image, guided at the default weight."""
+    device = next(network.parameters()).device
+    noise, generator = initial_noise(config.sample_count, image_size, seed=1234, device=device)
+    labels = torch.arange(config.sample_count, device=device) % num_species if num_species else None
+    denoiser = Denoiser(network, schedule, autocast_dtype, config.channels_last, labels, SPECIES_WEIGHT)
+    was_training = network.training
+    network.eval()
+    images = run_to_end(DDIMSampler(schedule, steps), denoiser, noise, generator)
+    network.train(was_training)
+    return images
 
 
 def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
           crops: CubCrops | None = None) -> Path:
     """Trains until `config.steps`; returns the last checkpoint. Safe to stop at any time."""
     config.validate()
-    run_dir = Path(out)
-    device_type = "cuda" if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
-    world = Distributed.from_environment(device_type)
-    device = resolve_device(config.device, world.local_rank)
-    if config.batch_size % world.world_size:
-        raise TrainingError(f"batch_size {config.batch_size} is not divisible by the {world.world_size} processes")
+    world, device = start_processes(config)
     MetricsLog.import_backend(config.log)
+    folder = RunFolder(out, config.keep_checkpoints, RESUMABLE_CHANGES)
     if world.is_main:
-        prepare_run_dir(run_dir, config, resume, overwrite)
+        folder.prepare(config, resume, overwrite)
     if world.world_size > 1:
         dist.barrier()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     autocast_dtype = resolve_precision(config, device)
-
-    crops = crops if crops is not None else load_crops(config.data, config.image_size, config.crop, config.padding,
-                                                       progress=world.is_main and config.progress)
-    part = "all" if config.train_on == "all" else "train"
-    train_indices = crops.split_indices(config.split, part, config.seed, config.test_fraction)
-    images = torch.from_numpy(crops.images[train_indices]).to(device)  # uint8 NHWC, converted per batch
-    species, labels = [], None
-    if config.conditional:  # every species of the dataset, in class-id order; index len(species) = none
-        species = [[int(c), crops.class_names.get(int(c), str(c))] for c in sorted(set(crops.labels.tolist()))]
-        index_of = {class_id: index for index, (class_id, _) in enumerate(species)}
-        labels = torch.tensor([index_of[int(c)] for c in crops.labels[train_indices]], dtype=torch.long)
-
-    network_config = dataclasses.replace(config.network_config(), num_classes=len(species))
-    diffusion_config = config.diffusion_config()
-    torch.manual_seed(config.seed)
-    model = UNet(network_config).to(device)
-    if config.init_from:  # a resumed run then loads its checkpoint over these weights
-        initialise_from(model, config.init_from, diffusion_config)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = EMA(model, config.ema_decay)
     sync_free = device.type == "cuda" if config.sync_free is None else config.sync_free
-    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.effective_lr,
-                                  weight_decay=config.weight_decay, fused=device.type == "cuda" or sync_free)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    schedule = NoiseSchedule(diffusion_config)
-    loss_fn = DiffusionLoss(schedule, config.min_snr_gamma)
-    stream = BatchStream(len(train_indices), config.batch_size, config.seed)
-    # flips, timesteps and noise: on the GPU itself when steps must not wait for the host
-    generator = torch.Generator(device=device if sync_free else "cpu").manual_seed(config.seed + 1)
-    checkpoints = Checkpoints(run_dir, config.keep_checkpoints)
-    step, train_seconds, skipped_total = 0, 0.0, 0
-
-    latest = checkpoints.latest() if resume else None
+    images, labels, species = training_images(config, crops, device, world.is_main and config.progress)
+    network_config = dataclasses.replace(config.network_config(), num_classes=len(species))
+    schedule = NoiseSchedule(config.diffusion_config())
+    state = new_train_state(config, network_config, len(images), device, sync_free, autocast_dtype)
+    latest = folder.checkpoints.latest() if resume else None
     if latest is not None:
-        model.load_state_dict(load_file(str(latest / "model.safetensors"), device=str(device)))
-        ema.model.load_state_dict(load_file(str(latest / "ema.safetensors"), device=str(device)))
-        state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        drawn_on = state.get("generator_device", "cpu")
-        if drawn_on != generator.device.type:
-            raise TrainingError(f"{latest}: this run drew its noise on the {drawn_on} and would not continue exactly"
-                                f" here; resume with {'--no-sync-free' if drawn_on == 'cpu' else '--sync-free on a GPU'}")
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        stream = BatchStream(len(train_indices), config.batch_size, config.seed, state["epoch"], state["position"])
-        step, train_seconds, skipped_total = state["step"], state["train_seconds"], state["skipped_steps"]
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = None
+        state.load(latest)
     if world.is_main:
-        atomic_write_text(run_dir / "config.json", json.dumps(asdict(config), indent=2) + "\n")
-        log = MetricsLog(run_dir / "metrics.jsonl", config.log, config, run_dir)
-        log.truncate_after(step)
         machine = machine_description(device)
-        if latest is None:
-            (run_dir / "metrics.jsonl").write_text("")
-            atomic_write_text(run_dir / "run.json", json.dumps({
-                "machine": machine, "parameters": parameter_count(model),
-                "world_size": world.world_size, "train_images": len(train_indices), "species": species,
-                **config_dict(network_config, diffusion_config)}, indent=2) + "\n")
-        else:
-            run_info = json.loads((run_dir / "run.json").read_text())
-            if machine not in [run_info.get("machine"), *run_info.get("also_trained_on", [])]:
-                run_info.setdefault("also_trained_on", []).append(machine)
-                atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2) + "\n")
-        print(f"{parameter_count(model):,} parameters · {len(train_indices)} training images · global batch"
+        folder.start(config, state.step, machine, lambda: {
+            "parameters": parameter_count(state.model), "world_size": world.world_size, "train_images": len(images),
+            "species": species, **config_dict(network_config, config.diffusion_config())}, config.log)
+        print(f"{parameter_count(state.model):,} parameters · {len(images)} training images · global batch"
               f" {config.batch_size} = {world.world_size} process(es) × {config.batch_size // world.world_size}"
               f" · {machine} · {autocast_dtype or torch.float32}", flush=True)
         if latest is not None:
-            print(f"Resuming {run_dir} from {latest.name} at step {step}", flush=True)
-
-    trained = model
-    if config.compile:
-        trained = torch.compile(model)
+            print(f"Resuming {folder.path} from {latest.name} at step {state.step}", flush=True)
+    trained = torch.compile(state.model) if config.compile else state.model
     if world.world_size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
-
-    stop_signal = StopRequests()
-
-    def save(reason: str) -> Path:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                 "generator_device": generator.device.type, "epoch": stream.epoch, "position": stream.position,
-                 "step": step, "train_seconds": train_seconds, "skipped_steps": int(tallies.skipped),
-                 "images_seen": step * config.batch_size, "reason": reason}
-        return checkpoints.save(step, {"model": model, "ema": ema.model}, state)
-
-    def preview() -> None:
-        noise, sample_generator = initial_noise(config.sample_count, config.image_size, seed=1234, device=device)
-        preview_labels = torch.arange(config.sample_count, device=device) % len(species) if species else None
-        denoiser = Denoiser(ema.model, schedule, autocast_dtype, config.channels_last, preview_labels,
-                            SPECIES_WEIGHT)  # species models' previews: one species per image, guided
-        images = run_to_end(DDIMSampler(schedule, config.sample_steps), denoiser, noise, sample_generator)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        save_grid(images, run_dir / "samples" / f"step-{step:07d}.png")
-        save_grid(images, run_dir / "samples" / "latest.png")
-
+    loss_fn = DiffusionLoss(schedule, config.min_snr_gamma)
     local_batch = config.batch_size // world.world_size
     local = slice(world.rank * local_batch, (world.rank + 1) * local_batch)
-    bar = tqdm(total=config.steps, initial=step, desc="Training", unit="step", disable=not (world.is_main and config.progress),
-               dynamic_ncols=True)
-    tallies = StepTallies(device, skipped_total)
-    last_saved = step
     deadline = time.perf_counter() + 60 * config.max_minutes if config.max_minutes else math.inf
-    model.train()
+    stop = StopRequests()
+    bar = tqdm(total=config.steps, initial=state.step, desc="Training", unit="step",
+               disable=not (world.is_main and config.progress), dynamic_ncols=True)
+    last_saved = state.step
+    state.model.train()
     try:
-        while step < config.steps and not stop_signal:
+        while state.step < config.steps and not stop:
             started = time.perf_counter()
-            x0, t, noise, y = draw_batch(images, stream, generator, schedule.num_steps, local, config.channels_last,
-                                         labels, config.label_dropout, len(species))
+            x0, t, noise, y = draw_batch(images, state.stream, state.generator, schedule.num_steps, local,
+                                         config.channels_last, labels, config.label_dropout, len(species))
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 loss = loss_fn(trained, x0, t, noise, y)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-            finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-            if world.world_size > 1:
-                flag = finite.float().to(device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                finite = flag.bool()
-            if not sync_free and not bool(finite):  # the host decides: the step is not taken at all
-                optimizer.zero_grad(set_to_none=True)
-                scaler.update()
-                tallies.add(loss, grad_norm, finite)
-                check_streak(int(tallies.streak), config.max_nonfinite, step)
+            if not take_step(state, loss, config, world, sync_free):
                 continue
-            if sync_free:  # the fused AdamW leaves weights, moments and its step count as they were where this is 1
-                optimizer.found_inf = (~finite).float()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            ema.update(model, step, finite if sync_free else None)
-            tallies.add(loss, grad_norm, finite)
-            step += 1
             bar.update(1)
-
-            if step % config.log_every == 0:  # the only point where a sync-free run waits for the GPU
-                figures = tallies.read()
-                check_streak(figures["worst_streak"], config.max_nonfinite, step)
-                if world.is_main:
-                    record = {"step": step, "loss": figures["loss"], "lr": scheduler.get_last_lr()[0],
-                              "grad_norm": figures["grad_norm"],
-                              "images_per_s": config.log_every * config.batch_size / figures["seconds"],
-                              "images_seen": step * config.batch_size, "epoch": stream.epoch,
-                              "skipped_steps": figures["skipped"], "memory_mb": peak_memory_mb(device),
-                              "time": time.time()}
-                    log.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+            if state.step % config.log_every == 0:
+                log_interval(state, folder, config, bar)
                 if past(deadline, world, device):  # a fixed window of machine time: stop as a signal would
-                    stop_signal.append("time")
-            train_seconds += time.perf_counter() - started
-            if world.is_main and step % config.sample_every == 0:
-                preview()
-            if step % config.checkpoint_every == 0:
+                    stop.request("time")
+            state.train_seconds += time.perf_counter() - started
+            if world.is_main and state.step % config.sample_every == 0:
+                preview = preview_images(state.ema.model, schedule, config, config.image_size, autocast_dtype,
+                                         config.sample_steps, len(species))
+                folder.save_preview(preview, state.step)
+            if state.step % config.checkpoint_every == 0:
                 if world.is_main:
-                    save("interval")
-                last_saved = step
-        if world.is_main and step != last_saved:
-            save("signal" if stop_signal else "end")
-        if world.is_main and stop_signal:
-            why = f"after {config.max_minutes:g} min" if "time" in stop_signal else "by signal"
-            bar.write(f"Stopped {why} at step {step}; resume with --resume")
+                    state.save(folder, "interval")
+                last_saved = state.step
+        if world.is_main and state.step != last_saved:
+            state.save(folder, "signal" if stop else "end")
+        if world.is_main and stop:
+            why = f"after {config.max_minutes:g} min" if stop.reason == "time" else "by signal"
+            bar.write(f"Stopped {why} at step {state.step}; resume with --resume")
     finally:
         bar.close()
-        if log is not None:
-            log.close()
-        stop_signal.release()
+        folder.close()
+        stop.release()
         if world.world_size > 1:
             dist.barrier()
-    return checkpoints.latest()
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The records of a run's metrics.jsonl (a half-written last line is ignored)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    return folder.checkpoints.latest()
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -776,22 +566,14 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = 
                data: dict | None = None, guidance: dict | None = None, step: int | None = None) -> Path:
     """Writes the EMA weights of the latest checkpoint (or of the one at `step`) as a model folder
     (with `data`, the split record, and `guidance`, the guidance record)."""
-    run_dir = Path(run_dir)
-    complete = Checkpoints(run_dir, 1).complete()
-    if step is not None:
-        complete = [path for path in complete if path.name == f"step-{step:07d}"]
-        if not complete:
-            raise TrainingError(f"{run_dir}: no complete checkpoint at step {step}")
-    latest = complete[-1] if complete else None
-    if latest is None:
-        raise TrainingError(f"{run_dir}: no complete checkpoint to export")
-    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
-    run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    species = run_info.get("species") or []
+    folder = RunFolder(run_dir, 1, set())
+    checkpoint = folder.checkpoints.at_step(step)
+    config = TrainConfig.from_dict(folder.config_values(), str(folder.path / "config.json"))
+    species = folder.info().get("species") or []
     network_config = dataclasses.replace(config.network_config(), num_classes=len(species))
     network = UNet(network_config)
-    network.load_state_dict(load_file(str(latest / "ema.safetensors")))
-    state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)
+    network.load_state_dict(load_file(str(checkpoint / "ema.safetensors")))
+    state = read_state(checkpoint)
     training = {"steps": state["step"], "images_seen": state["images_seen"],
                 "train_hours": round(state["train_seconds"] / 3600, 2)}
     return save_model(out, network, network_config, config.diffusion_config(), half=half, card=card,

@@ -10,7 +10,6 @@ import random
 from pathlib import Path
 
 import streamlit as st
-import torch
 
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, BirdModel, ModelError, load_model
 from .guidance import GUIDE_WEIGHT_RANGE, SPECIES_WEIGHT_RANGE
@@ -18,7 +17,7 @@ from .pipeline import (DEFAULT_SAMPLING, MAX_IMAGES, GenerationQueue, Generation
                        planned_evaluations)
 from .public import LimitError, PublicLimits, public_limits
 from .samplers import SAMPLERS
-from .utils import machine_description
+from .utils import machine_description, resolve_device
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLER_LABELS = {"ddpm": "DDPM (ancestral)", "ddim": "DDIM", "dpmpp": "DPM-Solver++ (2M)"}
@@ -83,10 +82,6 @@ def data_root() -> Path:
     return Path(os.environ.get("BIRDGEN_DATA") or REPO.parent / "shared" / "data" / "CUB_200_2011")
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def available_models() -> list[Path]:
     root = models_dir()
     if not root.is_dir():
@@ -119,7 +114,7 @@ def model_picker(label: str = "Model", key: str = "model", prefer: str | None = 
     index = next((i for i, n in enumerate(names) if prefer and n == prefer), 0)
     name = st.selectbox(label, names, index=index, key=key)
     try:
-        return cached_model(str(models_dir() / name), str(device()))
+        return cached_model(str(models_dir() / name), str(resolve_device()))
     except ModelError as error:
         st.error(f"Cannot load this model: {error}")
         st.stop()
@@ -391,7 +386,7 @@ def metrics_rows(paths: list[Path]) -> tuple[list[dict], list[str]]:
     rows, problems = [], []
     for path in paths:
         try:
-            evaluations = cached_model(str(path), str(device())).metrics()
+            evaluations = cached_model(str(path), str(resolve_device())).metrics()
         except ModelError as error:
             problems.append(f"{path.name}: {error}")
             continue

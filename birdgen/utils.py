@@ -84,10 +84,18 @@ def machine_description(device: torch.device | str = "cpu") -> str:
     return text
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device for a --device value: "auto" (this process's GPU if there is one, else the
+    CPU), "cpu", "cuda" (GPU `local_rank`, for torchrun) or "cuda:N"; a ValueError if CUDA is
+    asked for and missing."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
 
 
 def check_field_types(cls, values: dict) -> None:

@@ -10,7 +10,7 @@ from birdgen.evaluation import (MEMORIZATION_PAIRS_FILE, MIN_SAMPLES, EvalSettin
                                 run_evaluation, save_evaluation, summary)
 from birdgen.features import FEATURE_LABELS, FeatureError
 from birdgen.training_jobs import run_folders
-from birdgen.training_loop import read_metrics
+from birdgen.run_folder import read_metrics
 
 ui.through_app_navigation()
 st.title("📊 Metrics")

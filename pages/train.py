@@ -11,7 +11,7 @@ from birdgen.data import DatasetError
 from birdgen.networks import PRESETS
 from birdgen.training_jobs import (TrainForm, current_job, last_job, log_tail, progress_text, start_training,
                                    stop_training)
-from birdgen.training_loop import read_metrics
+from birdgen.run_folder import read_metrics
 
 REFRESH_S = 2.0  # how often the live view rereads the run folder while a run is going
 

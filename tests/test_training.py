@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from birdgen.data import load_crops
-from birdgen.training_loop import Checkpoints, TrainConfig, TrainingError, train
+from birdgen.run_folder import Checkpoints
+from birdgen.training_loop import TrainConfig, TrainingError, train
 from conftest import REPO
 
 SMALL = dict(image_size=16, channels=(8, 16), batch_size=4, log_every=2, checkpoint_every=3, sample_every=3,
@@ -266,10 +267,10 @@ def test_sync_free_resume_is_exact(tiny_cub, tmp_path):
 def test_sync_free_steps_read_nothing_back_between_log_intervals(tiny_cub, tmp_path, monkeypatch):
     """On a GPU every host read of a tensor's value waits for the queue to drain; a sync-free
     step must make none, so they happen only at log intervals and checkpoints."""
-    import birdgen.training_loop as loop
+    from birdgen.run_folder import StepTallies
 
     reads = []
-    real_loop_read = loop.StepTallies.read
+    real_loop_read = StepTallies.read
     for name in ("item", "__bool__", "__int__", "__float__"):
         real = getattr(torch.Tensor, name)
 
@@ -279,7 +280,7 @@ def test_sync_free_steps_read_nothing_back_between_log_intervals(tiny_cub, tmp_p
 
         monkeypatch.setattr(torch.Tensor, name, counting)
     marks = []
-    monkeypatch.setattr(loop.StepTallies, "read", lambda self: (marks.append(len(reads)), real_loop_read(self))[1])
+    monkeypatch.setattr(StepTallies, "read", lambda self: (marks.append(len(reads)), real_loop_read(self))[1])
     steps = 12
     train(config(tiny_cub, steps=steps, sync_free=True, log_every=6, checkpoint_every=100, sample_every=100),
           tmp_path / "run")
@@ -331,11 +332,11 @@ def test_max_minutes_stops_with_a_resumable_checkpoint(tiny_cub, tmp_path):
 
 
 def test_a_full_disk_ends_training_in_one_line_and_keeps_the_last_checkpoint(tiny_cub, tmp_path, monkeypatch, capsys):
-    import birdgen.training_loop as loop
+    import birdgen.run_folder as folder_module
     from birdgen.cli import main as cli_main
 
     run = tmp_path / "run"
-    real_save = loop.save_file
+    real_save = folder_module.save_file
     calls = []
 
     def full_disk(tensors, path, *args, **kwargs):
@@ -344,7 +345,7 @@ def test_a_full_disk_ends_training_in_one_line_and_keeps_the_last_checkpoint(tin
             raise OSError(28, "No space left on device")
         return real_save(tensors, path, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "save_file", full_disk)
+    monkeypatch.setattr(folder_module, "save_file", full_disk)
     flags = ["train", "--out", str(run), "--data", str(tiny_cub), "--preset", "small", "--channels", "8,16",
              "--image-size", "16", "--steps", "4", "--checkpoint-every", "2", "--sample-every", "100",
              "--log-every", "2", "--batch-size", "4", "--noise-steps", "50", "--sample-steps", "5", "--no-progress"]
@@ -354,6 +355,6 @@ def test_a_full_disk_ends_training_in_one_line_and_keeps_the_last_checkpoint(tin
     assert "No space left on device" in err
     checkpoints = run / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000002"]  # no half-written .tmp folder
-    monkeypatch.setattr(loop, "save_file", real_save)
+    monkeypatch.setattr(folder_module, "save_file", real_save)
     assert cli_main(flags[:1] + ["--out", str(run), "--resume"]) == 0
     assert (checkpoints / "step-0000004" / "state.pt").is_file()

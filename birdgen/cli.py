@@ -23,7 +23,7 @@ from .networks import PRESETS, parameter_count, preset
 from .pipeline import DEFAULT_SAMPLING, GenerationRequest, generation_steps, make_request_sampler
 from .samplers import DEFAULT_STEPS, SAMPLERS
 from .training_loop import TrainConfig, TrainingError, train
-from .utils import WriteError, machine_description, resolve_device, save_grid
+from .utils import WriteError, machine_description, resolve_device, save_grid, writing
 
 USER_ERRORS = (DatasetError, ModelError, TrainingError, DownloadError, EditError, ValueError, FileNotFoundError,
                WriteError)
@@ -374,14 +374,8 @@ def cmd_sample(args) -> int:
     request = GenerationRequest(args.sampler, args.steps, args.num, args.seed, args.eta, species, args.guidance,
                                 args.guide_weight, args.guide_interval)
     print(f"{model.name}: {model.parameter_count:,} parameters on {machine_description(device)}")
-    from tqdm.auto import tqdm
-
-    started = time.perf_counter()
     sampler = make_request_sampler(model, request)
-    with tqdm(total=sampler.num_steps, desc=f"Sampling ({sampler.name})", unit="step") as bar:
-        for step in generation_steps(model, request):
-            bar.update(1)
-    seconds = time.perf_counter() - started
+    step, seconds = run_with_bar(generation_steps(model, request), f"Sampling ({sampler.name})")
     path = save_grid(step.x, args.out, columns=args.num if len(species) > 1 else None)
     if args.individual:
         from .utils import grid_image
@@ -411,14 +405,23 @@ def cmd_species(args) -> int:
     return 0
 
 
-def run_steps(steps, total: int, label: str):
-    """Runs a step generator with a progress bar; returns the last step and the seconds taken."""
+def run_with_bar(steps, label: str):
+    """Runs a step generator with a terminal progress bar sized by the steps' own num_steps;
+    returns the last step and the seconds taken."""
     from tqdm.auto import tqdm
 
-    started, last = time.perf_counter(), None
-    with tqdm(total=total, desc=label, unit="step") as bar:
-        for last in steps:
-            bar.update(1)
+    from .samplers import run_steps
+
+    started, bar = time.perf_counter(), tqdm(desc=label, unit="step")
+
+    def on_step(step) -> None:
+        bar.total = step.num_steps
+        bar.update(1)
+
+    try:
+        last = run_steps(steps, on_step)
+    finally:
+        bar.close()
     return last, time.perf_counter() - started
 
 
@@ -434,8 +437,7 @@ def read_picture(path: str, size: int):
 
 def cmd_interpolate(args) -> int:
     from .editing import interpolation_steps
-    from .visualize import to_gif
-    from .utils import grid_image
+    from .visualize import interpolation_gif
 
     model = load_guided_model(args, resolve_device(args.device))
     species = None
@@ -445,11 +447,12 @@ def cmd_interpolate(args) -> int:
         species = tuple(resolve_species(model, text) for text in args.species)
     steps = interpolation_steps(model, args.seeds[0], args.seeds[1], args.frames, args.steps, species, args.guidance,
                                 args.guide_weight, args.guide_interval)
-    last, seconds = run_steps(steps, args.steps, f"Interpolating ({args.frames} frames)")
+    last, seconds = run_with_bar(steps, f"Interpolating ({args.frames} frames)")
     path = save_grid(last.x, args.out, columns=args.frames)
     if args.gif:
-        frames = [grid_image(image[None], padding=0).resize((256, 256)) for image in last.x]
-        Path(args.gif).write_bytes(to_gif(frames + frames[-2:0:-1], seconds_per_frame=0.15, hold_last_s=0.15))
+        gif = Path(args.gif)
+        with writing(gif, "the GIF"):
+            gif.write_bytes(interpolation_gif(last.x.cpu()))
     print(f"{args.frames} frames from seed {args.seeds[0]} to {args.seeds[1]} in {seconds:.1f} s; wrote {path}"
           + (f" and {args.gif}" if args.gif else ""))
     return 0
@@ -470,8 +473,7 @@ def cmd_edit(args) -> int:
     request = EditRequest(args.sampler, args.steps, args.strength, args.num, args.seed, args.eta, species,
                           args.guidance, args.guide_weight, args.guide_interval)
     request.validate()
-    total = max(1, round(args.strength * args.steps))
-    last, seconds = run_steps(sdedit_steps(model, image, request), total, f"Editing (strength {args.strength:g})")
+    last, seconds = run_with_bar(sdedit_steps(model, image, request), f"Editing (strength {args.strength:g})")
     path = save_grid(torch.cat([image.to(last.x.device), last.x]), args.out)
     print(f"{args.num} edits of {args.image} in {seconds:.1f} s; wrote {path} (the input first)")
     return 0
@@ -480,7 +482,7 @@ def cmd_edit(args) -> int:
 def cmd_inpaint(args) -> int:
     import torch
 
-    from .editing import RePaintSampler, inpaint_steps, make_mask
+    from .editing import hole_preview, inpaint_steps, make_mask
 
     model = load_guided_model(args, resolve_device(args.device))
     size = model.network_config.image_size
@@ -488,10 +490,8 @@ def cmd_inpaint(args) -> int:
     mask = make_mask(args.mask, size, tuple(args.box) if args.box else None)
     steps = inpaint_steps(model, image, mask, args.steps, args.resample, args.num, args.seed, args.guide_weight,
                           args.guide_interval)
-    total = RePaintSampler(model.schedule, args.steps, image, mask, args.resample).evaluations
-    last, seconds = run_steps(steps, total, f"Inpainting ({args.mask})")
-    shown = image * mask + (1 - mask) * torch.tensor([1.0, -1.0, 1.0]).view(1, 3, 1, 1)  # the hole in magenta
-    path = save_grid(torch.cat([shown.to(last.x.device), last.x]), args.out)
+    last, seconds = run_with_bar(steps, f"Inpainting ({args.mask})")
+    path = save_grid(torch.cat([hole_preview(image, mask).to(last.x.device), last.x]), args.out)
     print(f"{args.num} inpaintings of {args.image} in {seconds:.1f} s; wrote {path} (the masked input first)")
     return 0
 

@@ -168,6 +168,11 @@ class EditRequest:
     guide_weight: float | None = None  # autoguidance w; None: the model's default, 1: off
     interval: tuple[int, int] | None = None  # timesteps where guidance applies; None: the model's
 
+    @property
+    def steps_run(self) -> int:
+        """The steps SDEdit takes: `strength` of `steps` (strength 0: one step, the input unchanged)."""
+        return max(1, round(self.strength * self.steps))
+
     def validate(self) -> None:
         if not 0 <= self.strength <= 1:
             raise EditError(f"strength {self.strength} out of range [0, 1]")
@@ -201,7 +206,7 @@ def sdedit_steps(model: BirdModel, image: torch.Tensor, request: EditRequest) ->
     size, channels = model.network_config.image_size, model.network_config.in_channels
     noise, generator = initial_noise(request.num_images, size, request.seed, model.device, channels)
     x0 = image.to(model.device).expand(request.num_images, -1, -1, -1)
-    count = round(request.strength * sampler.num_steps)
+    count = round(request.strength * sampler.num_steps)  # request.steps_run, but 0 where the network never runs
     if count == 0:
         yield SamplerStep(0, 1, 0, x0.clone(), x0.clone())
         return
@@ -241,6 +246,17 @@ def make_mask(kind: str, size: int, box: tuple[float, float, float, float] | Non
     return mask
 
 
+def repaint_evaluations(num_steps: int, resample: int) -> int:
+    """Network evaluations of RePaint: every step `resample` times but the last, never repeated."""
+    return (num_steps - 1) * resample + 1
+
+
+def hole_preview(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The picture with the region to repaint (mask 0) in magenta."""
+    magenta = torch.tensor([1.0, -1.0, 1.0], device=image.device).view(1, 3, 1, 1)
+    return image * mask.to(image.device) + (1 - mask.to(image.device)) * magenta
+
+
 class RePaintSampler(Sampler):
     """RePaint (Lugmayr et al. 2022, Algorithm 1) on the ancestral DDPM update, full or
     respaced. Each step merges the known pixels, noised to the step's level with
@@ -265,7 +281,7 @@ class RePaintSampler(Sampler):
         if not 1 <= resample <= 20:
             raise EditError(f"resample {resample} out of range [1, 20]")
         self.known, self.mask, self.resample = known, mask, resample
-        self.evaluations = (num_steps - 1) * resample + 1  # the last step is never repeated
+        self.evaluations = repaint_evaluations(num_steps, resample)
 
     def steps(self, denoiser, noise, generator=None):
         x, index = noise, 0

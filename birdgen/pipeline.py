@@ -13,7 +13,7 @@ import torch
 
 from .checkpoint import BirdModel
 from .guidance import GUIDE_WEIGHT_RANGE, SPECIES_WEIGHT_RANGE, ResolvedGuidance, check_weight
-from .samplers import Denoiser, Sampler, SamplerStep, initial_noise, make_sampler
+from .samplers import Denoiser, Sampler, SamplerStep, initial_noise, make_sampler, run_steps
 
 MAX_IMAGES = 256
 
@@ -151,18 +151,12 @@ def generate(model: BirdModel, request: GenerationRequest, noise: torch.Tensor |
              on_step=None) -> Generation:
     """Runs all steps. `on_step(step)` may return True to cancel, which raises `Cancelled`."""
     started = time.perf_counter()
-    last, running = None, []
-    for last in generation_steps(model, request, noise, running):
-        if on_step is not None and on_step(last):
-            raise Cancelled(f"cancelled after {last.index + 1} of {last.num_steps} steps")
+    running = []
+    last = run_steps(generation_steps(model, request, noise, running), on_step)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     return Generation(last.x, time.perf_counter() - started, last.num_steps, dict(running[0].passes),
                       model.resolve_guidance(request.guidance, request.guide_weight, request.interval))
-
-
-class Cancelled(Exception):
-    pass
 
 
 class QueueFull(RuntimeError):

@@ -12,13 +12,12 @@ button and the denoising visualizer all consume the same generator::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .diffusion import NoiseSchedule
 
@@ -297,13 +296,23 @@ def initial_noise(num_images: int, image_size: int, seed: int, device: torch.dev
     return noise, generator
 
 
-def run_to_end(sampler: Sampler, denoiser: Denoiser, noise: torch.Tensor, generator: torch.Generator | None = None,
-               progress: bool = False, on_step: Callable[[SamplerStep], None] | None = None) -> torch.Tensor:
+class Cancelled(Exception):
+    """A run stopped between two steps because its `on_step` asked to."""
+
+
+def run_steps(steps: Iterable[SamplerStep], on_step: Callable[[SamplerStep], bool | None] | None = None
+              ) -> SamplerStep:
+    """Runs a step generator (a sampler's, an edit's, an interpolation's) to its end and returns
+    the last step. `on_step(step)` is called after every step (a progress bar takes its total
+    from `step.num_steps`); returning True cancels the run, which raises `Cancelled`."""
+    last = None
+    for last in steps:
+        if on_step is not None and on_step(last):
+            raise Cancelled(f"cancelled after {last.index + 1} of {last.num_steps} steps")
+    return last
+
+
+def run_to_end(sampler: Sampler, denoiser: Denoiser, noise: torch.Tensor,
+               generator: torch.Generator | None = None) -> torch.Tensor:
     """Runs every step and returns the final images (float, model range)."""
-    final = noise
-    iterator = sampler.steps(denoiser, noise, generator)
-    for step in tqdm(iterator, total=sampler.num_steps, desc=f"Sampling ({sampler.name})", disable=not progress):
-        if on_step is not None:
-            on_step(step)
-        final = step.x
-    return final
+    return run_steps(sampler.steps(denoiser, noise, generator)).x

@@ -16,7 +16,7 @@ from .guidance import GUIDE_WEIGHT_RANGE, SPECIES_WEIGHT_RANGE
 from .pipeline import (DEFAULT_SAMPLING, MAX_IMAGES, GenerationQueue, GenerationRequest, QueueFull, model_sampling,
                        planned_evaluations)
 from .public import LimitError, PublicLimits, public_limits
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, run_steps
 from .utils import machine_description, resolve_device
 
 REPO = Path(__file__).resolve().parent.parent
@@ -281,7 +281,7 @@ def progress_callback(label: str = "Denoising"):
     return bar, on_step
 
 
-def run_steps(steps, total: int, label: str = "Denoising", cancel_key: str | None = None):
+def run_queued(steps, label: str = "Denoising", cancel_key: str | None = None):
     """Runs a step generator (a sampler, SDEdit, RePaint…) in its turn of the generation queue
     with a progress bar and, if `cancel_key` is given, a Cancel button (pressing it reruns the
     page, which stops the run between two steps). Returns the last step."""
@@ -289,10 +289,8 @@ def run_steps(steps, total: int, label: str = "Denoising", cancel_key: str | Non
         cancel_slot = st.empty()
         if cancel_key:
             cancel_slot.button("Cancel", key=cancel_key)
-        bar = st.progress(0.0, text=label)
-        final = None
-        for index, final in enumerate(steps):
-            bar.progress(min((index + 1) / total, 1.0), text=f"{label}: step {index + 1} of {total}")
+        bar, on_step = progress_callback(label)
+        final = run_steps(steps, on_step)
         bar.empty()
         cancel_slot.empty()
     return final

@@ -13,7 +13,7 @@ from .checkpoint import BirdModel
 from .data import to_uint8
 from .diffusion import NoiseSchedule
 from .pipeline import GenerationRequest, generation_steps
-from .samplers import initial_noise
+from .samplers import SamplerStep, initial_noise, run_steps
 from .utils import grid_image
 
 
@@ -80,12 +80,15 @@ def record_chain(model: BirdModel, request: GenerationRequest, on_step=None) -> 
     noise, _ = initial_noise(request.num_images, model.network_config.image_size, request.seed, model.device,
                              model.network_config.in_channels)
     chain = ReverseChain(noise=noise.cpu())
-    for step in generation_steps(model, request, noise):
+
+    def keep(step: SamplerStep) -> None:
         chain.timesteps.append(step.t)
         chain.samples.append(to_uint8(step.x))
         chain.predictions.append(to_uint8(step.x0))
         if on_step is not None:
             on_step(step)
+
+    run_steps(generation_steps(model, request, noise), keep)
     return chain
 
 
@@ -95,6 +98,16 @@ def to_gif(frames: list[Image.Image], seconds_per_frame: float = 0.08, hold_last
     buffer = io.BytesIO()
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
     return buffer.getvalue()
+
+
+def interpolation_gif(images: torch.Tensor, size: int = 256) -> bytes:
+    """Interpolation frames (model range) as a GIF that plays forth and back, each frame `size` px."""
+    frames = enlarged(images, size)
+    return to_gif(frames + frames[-2:0:-1], seconds_per_frame=0.15, hold_last_s=0.15)
+
+
+def enlarged(images: torch.Tensor, size: int = 256) -> list[Image.Image]:
+    return [grid_image(image[None], padding=0).resize((size, size)) for image in images]
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -1,16 +1,13 @@
 """Explore and edit: morph between seeds, make variations of a bird or a picture, repaint part of one."""
 
 import streamlit as st
-import torch
 
 from birdgen import ui
-from birdgen.editing import (MASKS, EditError, EditRequest, RePaintSampler, inpaint_steps, interpolation_steps,
-                             make_mask, sdedit_steps)
+from birdgen.editing import (MASKS, EditError, EditRequest, hole_preview, inpaint_steps, interpolation_steps,
+                             make_mask, repaint_evaluations, sdedit_steps)
 from birdgen.species import species_index
 from birdgen.utils import grid_image
-from birdgen.visualize import png_bytes, to_gif
-
-HOLE = torch.tensor([1.0, -1.0, 1.0]).view(1, 3, 1, 1)  # magenta marks the region to repaint
+from birdgen.visualize import enlarged, interpolation_gif, png_bytes
 
 ui.through_app_navigation()
 st.title("🎨 Explore and edit")
@@ -38,19 +35,17 @@ with interpolate:
     lerp_guide = ui.guide_weight_control(model, "lerp")
     if st.button("Interpolate", type="primary", key="lerp_run"):
         ui.enforce_edit_limits(frames, steps, species is not None, lerp_guide)
-        last = ui.run_steps(interpolation_steps(model, int(seed_a), int(seed_b), frames, steps, species, guidance,
-                                                lerp_guide),
-                            steps, "Interpolating", cancel_key="lerp_cancel")
+        last = ui.run_queued(interpolation_steps(model, int(seed_a), int(seed_b), frames, steps, species, guidance,
+                                                 lerp_guide), "Interpolating", cancel_key="lerp_cancel")
         st.session_state["lerp"] = last.x.cpu()
     if "lerp" in st.session_state:
         images = st.session_state["lerp"]
         strip = grid_image(images, columns=len(images))
         st.image(strip, width=min(1100, 80 * len(images)))
         index = st.slider("Frame", 1, len(images), 1, key="lerp_frame") - 1
-        large = [grid_image(image[None], padding=0).resize((256, 256)) for image in images]
-        st.image(large[index], caption=f"frame {index + 1} of {len(images)}", width=256)
+        st.image(enlarged(images[index:index + 1])[0], caption=f"frame {index + 1} of {len(images)}", width=256)
         downloads = st.columns(2)
-        downloads[0].download_button("Download GIF", to_gif(large + large[-2:0:-1], 0.15, 0.15),
+        downloads[0].download_button("Download GIF", interpolation_gif(images),
                                      file_name="interpolation.gif", mime="image/gif")
         downloads[1].download_button("Download strip PNG", png_bytes(strip), file_name="interpolation.png",
                                      mime="image/png")
@@ -67,12 +62,10 @@ with vary:
     if picture is not None:
         st.image(grid_image(picture, padding=0).resize((128, 128)), caption="the input", width=128)
         if st.button("Make variations", type="primary", key="vary_run"):
-            ui.enforce_edit_limits(int(count), max(1, round(strength * steps)), choice.class_id is not None,
-                                   choice.guide_weight)
             request = EditRequest("ddim", steps, float(strength), int(count), int(seed), 0.0,
                                   species_index(model, choice.class_id), choice.species_weight, choice.guide_weight)
-            last = ui.run_steps(sdedit_steps(model, picture, request), max(1, round(strength * steps)),
-                                "Editing", cancel_key="vary_cancel")
+            ui.enforce_edit_limits(int(count), request.steps_run, choice.class_id is not None, choice.guide_weight)
+            last = ui.run_queued(sdedit_steps(model, picture, request), "Editing", cancel_key="vary_cancel")
             st.session_state["varied"] = (grid_image(last.x.cpu()), strength)
     if "varied" in st.session_state:
         grid, shown_strength = st.session_state["varied"]
@@ -107,13 +100,12 @@ with inpaint:
         st.error(str(error))
         mask = None
     if picture is not None and mask is not None:
-        st.image(grid_image(picture * mask + (1 - mask) * HOLE, padding=0).resize((128, 128)),
+        st.image(grid_image(hole_preview(picture, mask), padding=0).resize((128, 128)),
                  caption="kept pixels; magenta is repainted", width=128)
         if st.button("Inpaint", type="primary", key="fill_run"):
-            total = RePaintSampler(model.schedule, steps, picture, mask, resample).evaluations
-            ui.enforce_edit_limits(int(count), total, False, fill_guide)
-            last = ui.run_steps(inpaint_steps(model, picture, mask, steps, resample, int(count), 0, fill_guide), total,
-                                "Inpainting", cancel_key="fill_cancel")
+            ui.enforce_edit_limits(int(count), repaint_evaluations(steps, resample), False, fill_guide)
+            last = ui.run_queued(inpaint_steps(model, picture, mask, steps, resample, int(count), 0, fill_guide),
+                                 "Inpainting", cancel_key="fill_cancel")
             st.session_state["filled"] = grid_image(last.x.cpu())
     if "filled" in st.session_state:
         st.image(st.session_state["filled"], width=480)

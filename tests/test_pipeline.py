@@ -7,7 +7,8 @@ import torch
 from birdgen.checkpoint import ModelError, build_model, push_model, save_model
 from birdgen.diffusion import DiffusionConfig
 from birdgen.networks import preset
-from birdgen.pipeline import Cancelled, GenerationRequest, generate
+from birdgen.pipeline import GenerationRequest, generate
+from birdgen.samplers import Cancelled
 
 
 @pytest.fixture

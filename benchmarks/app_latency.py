@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from browser_support import chromium, generate_birds, streamlit_app  # noqa: E402
 
-from birdgen.checkpoint import load_model  # noqa: E402
+from birdgen.model_folder import load_model  # noqa: E402
 from birdgen.pipeline import GenerationRequest, generate  # noqa: E402
 from birdgen.ui import SAMPLER_LABELS  # noqa: E402
 
@@ -33,7 +33,7 @@ def main():
     student = load_model(REPO / "models" / args.student)
     teacher = load_model(REPO / "models" / args.teacher)
     setups = {  # name: (model, sampler, steps, fixed)
-        f"{args.student} (DDIM {student.sampling['steps']}, its own)": (student, "ddim", student.sampling["steps"], True),
+        f"{args.student} (DDIM {student.sampling.steps}, its own)": (student, "ddim", student.sampling.steps, True),
         f"{args.teacher} DDIM 25": (teacher, "ddim", 25, False),
         f"{args.teacher} DPM-Solver++ 10": (teacher, "dpmpp", 10, False),
     }

@@ -22,7 +22,7 @@ import json
 import torch
 
 from common import REAL_CUB, REPO, machine, score_samples, stored_results
-from birdgen.checkpoint import check_guide, load_model
+from birdgen.model_folder import check_guide, load_model
 from birdgen.data import load_crops, recover_split
 from birdgen.evaluation import EvalSettings, real_features
 from birdgen.features import choose_feature_space, load_extractor

@@ -1,8 +1,17 @@
-"""Four people press Generate at once: `streamlit run app.py` with four browser sessions
+"""People press Generate at once: `streamlit run app.py` with `--users` browser sessions
 (separate Chromium contexts) on the Generate page, each asking for the same 4 birds (DDIM 10
-steps, the shipped `small`, seed 0). Reports each session's seconds from its click to its
-grid, whether every grid equals the one a single user gets (the same image bytes), and
-whether a waiting session said so. Run: python benchmarks/concurrent_users.py"""
+steps, seed 0). Reports each session's seconds from its click to its answer, whether every grid
+equals the one a single user gets (the same image bytes), and whether a waiting session said so.
+
+With `--public`, the server runs in public mode (BIRDGEN_PUBLIC=1, `--max-waiting` its queue
+limit): every session must be answered with birds or the busy message, with no error on any
+page; it also reports the server's peak resident memory and any file the server wrote or
+changed in the repository or the cache folder while the sessions ran.
+
+    python benchmarks/concurrent_users.py                      # 4 users, private mode
+    python benchmarks/concurrent_users.py --public --users 8 --model small-attn
+    python benchmarks/concurrent_users.py --public --users 8 --max-waiting 3 --model small-attn
+"""
 
 from __future__ import annotations
 
@@ -12,12 +21,37 @@ import sys
 import time
 
 from common import REPO, machine, save
+from birdgen.data import cache_dir
 
 sys.path.insert(0, str(REPO / "tests"))
 
 from browser_support import chromium, generate_birds, streamlit_app  # noqa: E402
 
 STEPS, SEED = 10, 0
+BUSY = "The server is busy"
+
+
+def files_state() -> dict[str, tuple[int, float]]:
+    """(size, mtime) of every file in the repository (but .git and benchmark results) and the cache."""
+    state = {}
+    for root in (REPO, cache_dir()):
+        if not root.is_dir():
+            continue
+        for path in root.rglob("*"):
+            parts = path.relative_to(root).parts
+            if parts and parts[0] in (".git", ".venv") or "results" in parts or not path.is_file():
+                continue
+            stat = path.stat()
+            state[str(path)] = (stat.st_size, stat.st_mtime)
+    return state
+
+
+def peak_memory_mb(pid: int) -> float:
+    """A process's peak resident memory (VmHWM), MiB."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def grid_bytes(page) -> bytes:
@@ -48,9 +82,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--model", default="small")
+    parser.add_argument("--public", action="store_true", help="run the server in public mode")
+    parser.add_argument("--max-waiting", type=int, default=8, help="public mode's queue limit")
     args = parser.parse_args()
     description = machine()
-    with streamlit_app() as url, chromium() as browser:
+    env = {"BIRDGEN_PUBLIC": "1", "BIRDGEN_PUBLIC_MAX_WAITING": str(args.max_waiting)} if args.public else {}
+    with streamlit_app(env, with_process=True) as (url, server), chromium() as browser:
         single = browser.new_context().new_page()
         prepare(single, url, args.model)
         generate_birds(single, steps=STEPS, seed=SEED, sampler="DDIM")  # warm-up, loads the model
@@ -60,11 +97,12 @@ def main() -> None:
         pages = [browser.new_context().new_page() for _ in range(args.users)]
         for page in pages:
             prepare(page, url, args.model)
+        before = files_state()
         clicked = []
         for page in pages:  # the clicks land within a fraction of a second of each other
             page.get_by_role("button", name="Generate", exact=True).click(no_wait_after=True)
             clicked.append(time.perf_counter())
-        waited = [False] * len(pages)
+        waited, busy = [False] * len(pages), [False] * len(pages)
         finished = [None] * len(pages)
         deadline = time.perf_counter() + 600
         while None in finished and time.perf_counter() < deadline:
@@ -73,17 +111,31 @@ def main() -> None:
                     continue
                 if page.get_by_text("Waiting for").count():
                     waited[index] = True
-                if page.get_by_text(f"{STEPS} steps · seed {SEED}").count():
+                if page.get_by_text(BUSY).count():
+                    busy[index] = True
+                    finished[index] = time.perf_counter() - clicked[index]
+                elif page.get_by_text(f"{STEPS} steps · seed {SEED}").count():
                     finished[index] = time.perf_counter() - clicked[index]
             time.sleep(0.05)
-        same = [grid_bytes(page) == reference for page in pages]
-    latencies = [round(s, 2) for s in finished if s is not None]
-    record = {"machine": description, "users": args.users, "request": f"DDIM {STEPS} steps, 4 images, seed {SEED}",
-              "single_user_seconds": round(solo_s, 2), "seconds_each": latencies,
-              "seconds_min": min(latencies), "seconds_median": statistics.median(latencies),
-              "seconds_max": max(latencies), "all_finished": len(latencies) == args.users,
-              "results_equal_single_user": all(same), "sessions_told_they_wait": sum(waited)}
-    save("concurrent_users", record)
+        errors = sum(page.locator("[data-testid='stException']").count() + page.get_by_text("Traceback").count()
+                     for page in pages)
+        same = [grid_bytes(page) == reference for page, told_busy in zip(pages, busy) if not told_busy]
+        memory_mb = peak_memory_mb(server.pid)
+        after = files_state()
+    written = sorted(path for path in after if before.get(path) != after[path])
+    served = [round(s, 2) for s, told_busy in zip(finished, busy) if s is not None and not told_busy]
+    record = {"machine": description, "mode": "public" if args.public else "private", "users": args.users,
+              "model": args.model, "request": f"DDIM {STEPS} steps, 4 images, seed {SEED}",
+              "single_user_seconds": round(solo_s, 2), "seconds_each": served,
+              "seconds_min": min(served), "seconds_median": statistics.median(served), "seconds_max": max(served),
+              "all_answered": None not in finished, "told_busy": sum(busy),
+              "busy_seconds": [round(s, 2) for s, told_busy in zip(finished, busy) if told_busy],
+              "results_equal_single_user": all(same), "sessions_told_they_wait": sum(waited),
+              "errors_on_pages": errors, "server_peak_memory_mb": round(memory_mb), "files_written": written}
+    if args.public:
+        record["max_waiting"] = args.max_waiting
+    save(f"concurrent_users{'_public' if args.public else ''}"
+         f"{f'_waiting{args.max_waiting}' if args.public and args.max_waiting != 8 else ''}", record)
 
 
 if __name__ == "__main__":

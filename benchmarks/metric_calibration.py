@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from common import REAL_CUB, REPO, machine, save
-from birdgen.checkpoint import load_model
+from birdgen.model_folder import load_model
 from birdgen.data import load_crops, recover_split
 from birdgen.evaluation import extract_features, kid_and_fid, precision_recall, real_features
 from birdgen.features import choose_feature_space, load_extractor

@@ -13,7 +13,7 @@ import torch
 from common import alternate, machine, save
 from train_throughput import diffusers_unet
 
-from birdgen.checkpoint import build_model, load_model
+from birdgen.model_folder import build_model, load_model
 from birdgen.diffusion import DiffusionConfig
 from birdgen.networks import parameter_count, preset
 from birdgen.samplers import initial_noise, make_sampler, run_to_end

@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from common import REAL_CUB, REPO, machine
-from birdgen.checkpoint import load_model
+from birdgen.model_folder import load_model
 from birdgen.data import load_crops
 from birdgen.evaluation import EvalSettings, evaluate
 from birdgen.features import choose_feature_space, load_extractor

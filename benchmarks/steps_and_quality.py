@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from common import REAL_CUB, REPO, alternate, machine, score_samples, stored_results
-from birdgen.checkpoint import load_model
+from birdgen.model_folder import load_model
 from birdgen.data import load_crops, recover_split
 from birdgen.evaluation import EvalSettings, real_features
 from birdgen.features import choose_feature_space, load_extractor
@@ -111,7 +111,7 @@ def main() -> None:
         student = load_model(REPO / folder)
         if student.data != teacher.data:
             raise SystemExit(f"{folder}: not trained on the teacher's split; its numbers would not be comparable")
-        jobs.append((student, "student", student.sampling["sampler"], student.sampling["steps"]))
+        jobs.append((student, "student", student.sampling.sampler, student.sampling.steps))
     for model, role, sampler, nfe in jobs:
         if (model.name, sampler, nfe) in done:
             continue
@@ -134,7 +134,7 @@ def speed(teacher, students: list, images: int = 64, rounds: int = 3) -> dict:
     noise, alternated (A, B, A, B, …) so that machine load hits them alike."""
     contenders = {f"{teacher.name} DDIM 50": lambda: generate(teacher, GenerationRequest("ddim", 50, images, 0))}
     for student in students:
-        contenders[f"{student.name} DDIM {student.sampling['steps']}"] = \
+        contenders[f"{student.name} DDIM {student.sampling.steps}"] = \
             lambda student=student: generate(student, GenerationRequest(num_images=images, seed=0))
     measured = alternate(contenders, rounds, images)
     base = measured[f"{teacher.name} DDIM 50"]

@@ -11,7 +11,7 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from .checkpoint import ModelError, build_model, load_model, push_model
+from .model_folder import ModelError, build_model, load_model, push_model
 from .data import CROP_MODES, DatasetError, load_crops, summarize
 from .distillation import DistillConfig, distill
 from .diffusion import DiffusionConfig

@@ -233,27 +233,24 @@ def split_record(crops: CubCrops, root: str | os.PathLike, crop: str, padding: f
             "train_on": train_on, "num_train": len(train), "train_ids_sha256": ids_digest(crops.image_ids[train])}
 
 
-def recover_split(record: dict | None, crops: CubCrops, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(training indices, held-out indices) of `crops` for a model's split record; one-line
-    errors when the record is missing or the dataset cannot give back the same split."""
+def recover_split(record, crops: CubCrops, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, held-out indices) of `crops` for a model's split record (a
+    `records.DataRecord`); one-line errors when the record is missing or the dataset cannot give
+    back the same split."""
     if not record:
         raise DatasetError(f"{where}: the model folder does not record the crops it trained on (no 'data' in"
                            " config.json; re-export it with `birdgen export`), so its held-out crops are unknown")
-    try:
-        if record["num_images"] != len(crops):
-            raise DatasetError(f"{where}: the model trained on a dataset of {record['num_images']} images; this one has"
-                               f" {len(crops)}, so its split cannot be rebuilt (use the dataset it was trained on)")
-        if record["train_on"] == "all":
-            raise DatasetError(f"{where}: the model trained on every image, so there are no held-out crops to"
-                               " compare with")
-        split = record["split"], record["seed"], record["test_fraction"]
-        train = crops.split_indices(split[0], "train", *split[1:])
-        heldout = crops.split_indices(split[0], "test", *split[1:])
-        if ids_digest(crops.image_ids[train]) != record["train_ids_sha256"]:
-            raise DatasetError(f"{where}: this dataset's {split[0]} split (seed {split[1]}) does not give the training"
-                               " images the model recorded; use the dataset it was trained on")
-    except (KeyError, TypeError) as error:
-        raise DatasetError(f"{where}: malformed 'data' record in config.json ({error!r})") from None
+    if record.num_images != len(crops):
+        raise DatasetError(f"{where}: the model trained on a dataset of {record.num_images} images; this one has"
+                           f" {len(crops)}, so its split cannot be rebuilt (use the dataset it was trained on)")
+    if record.train_on == "all":
+        raise DatasetError(f"{where}: the model trained on every image, so there are no held-out crops to"
+                           " compare with")
+    train = crops.split_indices(record.split, "train", record.seed, record.test_fraction)
+    heldout = crops.split_indices(record.split, "test", record.seed, record.test_fraction)
+    if ids_digest(crops.image_ids[train]) != record.train_ids_sha256:
+        raise DatasetError(f"{where}: this dataset's {record.split} split (seed {record.seed}) does not give the"
+                           " training images the model recorded; use the dataset it was trained on")
     return train, heldout
 
 

@@ -15,17 +15,18 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .checkpoint import BirdModel, ModelError, config_dict, load_model, save_model
 from .data import load_crops, recover_split
 from .diffusion import DiffusionConfig, NoiseSchedule
+from .model_folder import BirdModel, ModelError, config_dict, load_model, save_model
 from .networks import UNet, UNetConfig, parameter_count
+from .records import DistillationRecord, SamplingRecord, record_dict
 from .run_folder import BatchStream, LoopState, RunFolder, StopRequests, TrainingError, read_state, save_weights
 from .samplers import DDIMSampler
 from .training_loop import check_streak, config_from_dict, draw_batch, log_interval, preview_images, resolve_precision
@@ -178,10 +179,10 @@ def load_teacher(config: DistillConfig, device: torch.device):
         raise TrainingError(f"teacher {config.teacher}: a species model; distilling classifier-free guidance is not"
                             " supported, pick an unconditional model")
     if teacher.sampling is not None:
-        fixed = teacher.sampling["steps"]
-        if teacher.sampling["sampler"] != "ddim" or fixed != config.teacher_steps:
+        fixed = teacher.sampling.steps
+        if teacher.sampling.sampler != "ddim" or fixed != config.teacher_steps:
             raise TrainingError(f"teacher {config.teacher}: a student distilled for {fixed}"
-                                f" {teacher.sampling['sampler']} steps can only teach at that count; pass"
+                                f" {teacher.sampling.sampler} steps can only teach at that count; pass"
                                 f" --teacher-steps {fixed}")
     if config.teacher_steps > teacher.schedule.num_steps:
         raise TrainingError(f"teacher_steps {config.teacher_steps} exceeds the teacher's {teacher.schedule.num_steps}"
@@ -242,9 +243,11 @@ def distillation_step(state: DistillState, loss_fn: ProgressiveDistillationLoss,
 
 def teacher_crops(config: DistillConfig, teacher: BirdModel, crops, device: torch.device) -> torch.Tensor:
     """The teacher's own training crops (its split record), uint8 NHWC on `device`."""
-    data = teacher.data or {}
-    crops = crops if crops is not None else load_crops(config.data, data.get("image_size", 64), data.get("crop", "square"),
-                                                       data.get("padding", 0.1), progress=config.progress)
+    if crops is None:
+        if teacher.data is None:  # recover_split below says why this cannot go on
+            recover_split(None, None, f"teacher {config.teacher}")
+        crops = load_crops(config.data, teacher.data.image_size, teacher.data.crop, teacher.data.padding,
+                           progress=config.progress)
     try:
         train_indices, _ = recover_split(teacher.data, crops, f"teacher {config.teacher}")
     except ValueError as error:
@@ -281,8 +284,8 @@ def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False,
     machine = machine_description(device)
     folder.start(config, state.step, machine, lambda: {
         "kind": "distillation", "parameters": parameter_count(student), "teacher": str(config.teacher),
-        "teacher_training": teacher_model.training, "data": teacher_model.data,
-        "teacher_distillation": teacher_model.distillation, "train_images": len(images),
+        "teacher_training": record_dict(teacher_model.training), "data": record_dict(teacher_model.data),
+        "teacher_distillation": record_dict(teacher_model.distillation), "train_images": len(images),
         **config_dict(teacher_model.network_config, teacher_model.diffusion_config)})
     print(f"Distilling {config.teacher} ({parameter_count(student):,} parameters): DDIM {config.teacher_steps} ->"
           f" {config.steps_target} steps in {config.rounds} rounds of {config.round_steps} steps of batch"
@@ -365,16 +368,15 @@ def export_student(run_dir: str | os.PathLike, out: str | os.PathLike, steps: in
     latest = folder.checkpoints.latest()
     seconds = read_state(latest)["train_seconds"] if latest is not None else 0.0
     done_steps = (round_index + 1) * config.round_steps
-    distillation = {"method": METHOD, "teacher": run["teacher"], "teacher_steps": config.teacher_steps,
-                    "rounds": round_index + 1, "round_steps": config.round_steps, "batch_size": config.batch_size,
-                    "lr": config.lr, "images_seen": done_steps * config.batch_size, "machine": run.get("machine"),
-                    "run_hours": round(seconds / 3600, 2)}
-    earlier = run.get("teacher_distillation")
-    if earlier:  # the teacher was a student: name the model at the root of the chain, keep the earlier stage
-        distillation = {**distillation, "teacher": earlier["teacher"], "distilled_teacher": run["teacher"],
-                        "images_seen_total": distillation["images_seen"] + earlier.get("images_seen_total",
-                                                                                        earlier["images_seen"]),
-                        "earlier": earlier}
+    distillation = DistillationRecord(METHOD, run["teacher"], config.teacher_steps, round_index + 1, config.round_steps,
+                                      config.batch_size, config.lr, done_steps * config.batch_size, run.get("machine"),
+                                      round(seconds / 3600, 2))
+    if run.get("teacher_distillation"):  # the teacher was a student: name the model at the root of the chain
+        earlier = DistillationRecord.from_dict(run["teacher_distillation"])
+        distillation = replace(distillation, teacher=earlier.teacher, distilled_teacher=run["teacher"],
+                               images_seen_total=distillation.images_seen + (earlier.images_seen_total
+                                                                             or earlier.images_seen),
+                               earlier=earlier)
     return save_model(out, student, network_config, diffusion_config, half=half,
                       training=run.get("teacher_training"), data=run.get("data"),
-                      sampling={"sampler": "ddim", "steps": steps}, distillation=distillation)
+                      sampling=SamplingRecord("ddim", steps), distillation=distillation)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .checkpoint import BirdModel
+from .model_folder import BirdModel
 from .data import to_model_range
 from .guidance import GUIDE_WEIGHT_RANGE, SPECIES_WEIGHT_RANGE, GuidanceError, check_weight
 from .pipeline import check_student_sampler

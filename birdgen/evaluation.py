@@ -23,10 +23,11 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from .checkpoint import METRICS_FILE, BirdModel, atomic_write_text, read_metrics_file
 from .data import CubCrops, cache_dir, recover_split, to_uint8
 from .features import FEATURE_LABELS
-from .pipeline import GenerationRequest, generate
+from .model_folder import METRICS_FILE, BirdModel, atomic_write_text, read_metrics_file
+from .pipeline import GenerationRequest, generate, model_sampling
+from .records import DataRecord
 from .utils import grid_image
 
 KID_SUBSET_SIZE = 1000
@@ -241,10 +242,8 @@ class EvalSettings:
 
 def resolve_sampler(model: BirdModel, settings: EvalSettings) -> EvalSettings:
     """The settings with the sampler and steps resolved for `model` (what metrics.json records)."""
-    if settings.sampler is not None:
-        return settings
-    sampler, steps = (model.sampling["sampler"], model.sampling["steps"]) if model.sampling else EVAL_SAMPLING
-    return replace(settings, sampler=sampler, steps=steps if settings.steps is None else settings.steps)
+    sampler, steps = model_sampling(model, settings.sampler, settings.steps, EVAL_SAMPLING)
+    return replace(settings, sampler=sampler, steps=steps)
 
 
 def generate_uint8(model: BirdModel, settings: EvalSettings, progress: Progress | None = None,
@@ -383,12 +382,12 @@ def sets_image(crops: CubCrops, train_indices: np.ndarray, index: int) -> np.nda
     return np.ascontiguousarray(image[:, ::-1]) if index >= len(train_indices) else image
 
 
-def describe_split(record: dict, reference: str, count: int) -> str:
+def describe_split(record: DataRecord, reference: str, count: int) -> str:
     part = "held-out" if reference == "heldout" else "training"
-    if record["split"] == "random":
-        return (f"{count} {part} crops of {record['dataset']} (random split, seed {record['seed']},"
-                f" {record['test_fraction']:.0%} held out)")
-    return f"{count} {part} crops of {record['dataset']} (official train/test split)"
+    if record.split == "random":
+        return (f"{count} {part} crops of {record.dataset} (random split, seed {record.seed},"
+                f" {record.test_fraction:.0%} held out)")
+    return f"{count} {part} crops of {record.dataset} (official train/test split)"
 
 
 def write_metrics(model: BirdModel, evaluation: Evaluation) -> Path:
@@ -448,10 +447,11 @@ def run_evaluation(model: BirdModel, data_root: str | os.PathLike, settings: Eva
     if notify:
         notify(note)
     extractor = load_extractor(feature_space, inception_weights)
-    record = model.data or {}
-    crops = load_crops(data_root, model.network_config.image_size, record.get("crop", "square"),
-                       record.get("padding", 0.1), progress=False)
-    recover_split(model.data, crops, str(model.path or model.name))  # a wrong dataset fails before generating
+    where = str(model.path or model.name)
+    if model.data is None:  # recover_split says why there is nothing to compare with
+        recover_split(None, None, where)
+    crops = load_crops(data_root, model.network_config.image_size, model.data.crop, model.data.padding, progress=False)
+    recover_split(model.data, crops, where)  # a wrong dataset fails before generating
     return evaluate(model, crops, settings, extractor, extractor.identity, feature_space, progress)
 
 

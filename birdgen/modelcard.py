@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CARD_FILE, METRICS_FILE, atomic_write_text, load_model, read_config, read_metrics_file
+from .model_folder import CARD_FILE, METRICS_FILE, atomic_write_text, load_model, read_config, read_metrics_file
 from .data import load_crops, split_record
 from .diffusion import heldout_loss
 from .guidance import GUIDE_WEIGHT, NO_GUIDE, SPECIES_WEIGHT, GuidanceRecord
 from .samplers import DDIMSampler, initial_noise, run_to_end
+from .records import DistillationRecord
 from .run_folder import read_metrics
 from .training_loop import TrainConfig, export_run
 from .utils import save_grid
@@ -166,8 +167,8 @@ CUB-200-2011 crops ({config.crop} crops around the bounding box, {config.padding
 | network | preset `{config.preset}`{'' if config.attention is None else f', attention {"on" if config.attention else "off"}'}, {model.parameter_count:,} parameters, self-attention at {', '.join(f'{r}×{r}' for r in model.network_config.attention_resolutions) or 'no resolution'} |
 | diffusion | {config.schedule} schedule, {config.noise_steps} steps, {config.prediction} prediction{f', min-SNR-{config.min_snr_gamma:g} weighting' if config.min_snr_gamma else ''} |
 | data | {run.get('train_images', '?')} training crops from `{Path(config.data).name}` ({config.split} split, part `{config.train_on}`{f', {config.test_fraction:.0%} held out' if config.split == 'random' else ''}) |
-| training | {trained['steps']:,} steps of batch {config.batch_size} = {trained['images_seen']:,} images seen, AdamW lr {config.lr:g}, EMA {config.ema_decay} |
-| wall time | {trained['train_hours']:.2f} h of training steps on {'; '.join([run.get('machine', 'unknown hardware'), *run.get('also_trained_on', [])])} |
+| training | {trained.steps:,} steps of batch {config.batch_size} = {trained.images_seen:,} images seen, AdamW lr {config.lr:g}, EMA {config.ema_decay} |
+| wall time | {trained.train_hours:.2f} h of training steps on {'; '.join([run.get('machine', 'unknown hardware'), *run.get('also_trained_on', [])])} |
 | final training loss | {final_loss:.4f} (mean of the last {min(10, len(records))} logged intervals) |
 | weights | EMA, {'float16 (loaded as float32)' if half else 'float32'} |
 
@@ -301,15 +302,15 @@ def update_card_quality(folder: Path) -> None:
     atomic_write_text(path, card)
 
 
-def earlier_rows(record: dict) -> str:
+def earlier_rows(record: DistillationRecord) -> str:
     """Card rows for the stages before this one when a student was distilled from a student."""
-    rows, earlier = [], record.get("earlier")
+    rows, earlier = [], record.earlier
     while earlier:
-        rows.append(f"| earlier stage | `{earlier['teacher']}` at DDIM {earlier['teacher_steps']} steps, {earlier['rounds']}"
-                    f" round(s) of {earlier['round_steps']:,} steps of batch {earlier['batch_size']}"
-                    f" ({earlier['images_seen']:,} images); this stage's teacher is its student"
-                    f" `{record.get('distilled_teacher', '?')}` |")
-        record, earlier = earlier, earlier.get("earlier")
+        rows.append(f"| earlier stage | `{earlier.teacher}` at DDIM {earlier.teacher_steps} steps, {earlier.rounds}"
+                    f" round(s) of {earlier.round_steps:,} steps of batch {earlier.batch_size}"
+                    f" ({earlier.images_seen:,} images); this stage's teacher is its student"
+                    f" `{record.distilled_teacher or '?'}` |")
+        record, earlier = earlier, earlier.earlier
     return "".join(row + "\n" for row in reversed(rows))
 
 
@@ -324,7 +325,7 @@ def export_student_with_card(run_dir: str | os.PathLike, out: str | os.PathLike,
     config = DistillConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     student = load_model(out)
     teacher = load_model(config.teacher)
-    steps = student.sampling["steps"]
+    steps = student.sampling.steps
     noise, _ = initial_noise(64, student.network_config.image_size, GRID_SEED)
     samples = run_to_end(DDIMSampler(student.schedule, steps), student.denoiser(), noise)
     save_grid(samples, out / "samples.png", columns=8)
@@ -336,7 +337,7 @@ def export_student_with_card(run_dir: str | os.PathLike, out: str | os.PathLike,
     d = student.distillation
     card = f"""# {out.name}
 
-A distilled student of `{d['teacher']}`: it generates {student.network_config.image_size}×{student.network_config.image_size}
+A distilled student of `{d.teacher}`: it generates {student.network_config.image_size}×{student.network_config.image_size}
 birds in **{steps} deterministic DDIM step{'s' if steps > 1 else ''}** (network evaluations), where its teacher
 needs about 50. The folder records this sampler (`config.json`, `sampling`), so `birdgen sample --model
 THIS_FOLDER` and the app use it by default, and other samplers or step counts are refused (the student
@@ -344,10 +345,10 @@ has not learned them).
 
 | | |
 |---|---|
-| method | {d['method']}: each round halves the DDIM steps; the student learns to land in one step where its teacher lands in two (truncated-SNR-weighted x₀ loss, teacher steps clipped to [-1, 1] like the app's sampler) |
-| teacher | `{d.get('distilled_teacher', d['teacher'])}` at DDIM {d['teacher_steps']} steps, {student.parameter_count:,} parameters, same network |
-| rounds | {d['rounds']} ({' → '.join(str(d['teacher_steps'] >> r) for r in range(d['rounds'] + 1))} steps), {d['round_steps']:,} steps of batch {d['batch_size']} each, AdamW lr {d['lr']:g} decayed linearly to 0 per round |
-| distillation | {d['images_seen']:,} images seen on {d.get('machine') or 'unknown hardware'} (the whole run: {d['run_hours']:.2f} h) |
+| method | {d.method}: each round halves the DDIM steps; the student learns to land in one step where its teacher lands in two (truncated-SNR-weighted x₀ loss, teacher steps clipped to [-1, 1] like the app's sampler) |
+| teacher | `{d.distilled_teacher or d.teacher}` at DDIM {d.teacher_steps} steps, {student.parameter_count:,} parameters, same network |
+| rounds | {d.rounds} ({' → '.join(str(d.teacher_steps >> r) for r in range(d.rounds + 1))} steps), {d.round_steps:,} steps of batch {d.batch_size} each, AdamW lr {d.lr:g} decayed linearly to 0 per round |
+| distillation | {d.images_seen:,} images seen on {d.machine or 'unknown hardware'} (the whole run: {d.run_hours or 0:.2f} h) |
 | data | the teacher's own training crops (its split record is copied into `config.json`) |
 {earlier_rows(d)}
 Distillation command:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import BirdModel
+from .model_folder import BirdModel
 from .guidance import GUIDE_WEIGHT_RANGE, SPECIES_WEIGHT_RANGE, ResolvedGuidance, check_weight
 from .samplers import Denoiser, Sampler, SamplerStep, initial_noise, make_sampler, run_steps
 
@@ -52,11 +52,17 @@ class GenerationRequest:
             raise ValueError(f"seed {self.seed} out of range [0, 2^63)")
 
 
-def model_sampling(model: BirdModel) -> tuple[str, int]:
-    """(sampler, steps) a model gets by default: a student's own, else DEFAULT_SAMPLING."""
+def model_sampling(model: BirdModel, sampler: str | None = None, steps: int | None = None,
+                   default: tuple[str, int] = DEFAULT_SAMPLING) -> tuple[str, int | None]:
+    """The (sampler, steps) a generation runs, from what it asks for: unset parts come from a
+    distilled student's own sampler (`check_student_sampler` then refuses any other), else from
+    `default` (the app's DEFAULT_SAMPLING, or evaluation's EVAL_SAMPLING) when no sampler is
+    named; a sampler named without steps gets None, its own default (samplers.DEFAULT_STEPS)."""
     if model.sampling is not None:
-        return model.sampling["sampler"], model.sampling["steps"]
-    return DEFAULT_SAMPLING[0], min(DEFAULT_SAMPLING[1], model.schedule.num_steps)
+        return sampler or model.sampling.sampler, model.sampling.steps if steps is None else steps
+    if sampler is None:
+        return default[0], min(default[1], model.schedule.num_steps) if steps is None else steps
+    return sampler, steps
 
 
 def for_model(model: BirdModel, request: GenerationRequest) -> GenerationRequest:
@@ -70,10 +76,7 @@ def for_model(model: BirdModel, request: GenerationRequest) -> GenerationRequest
 
 def make_request_sampler(model: BirdModel, request: GenerationRequest) -> Sampler:
     request.validate()
-    default_sampler, default_steps = model_sampling(model)
-    sampler, steps = request.sampler or default_sampler, request.steps
-    if steps is None and (request.sampler is None or model.sampling is not None):
-        steps = default_steps  # else the named sampler's own default
+    sampler, steps = model_sampling(model, request.sampler, request.steps)
     check_student_sampler(model, sampler, steps, request.eta)
     if request.eta and sampler != "ddim":
         raise ValueError(f"eta {request.eta:g} applies to DDIM only, not {sampler} (choose the ddim sampler)")

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import atomic_write_text
+from .model_folder import atomic_write_text
 from .utils import save_grid, writing
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 
-from .checkpoint import BirdModel
+from .model_folder import BirdModel
 
 
 class SpeciesError(ValueError):

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from .model_folder import atomic_write_text
 from .data import read_metadata
 from .networks import PRESETS
 

@@ -9,7 +9,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,14 +17,14 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .checkpoint import config_dict, save_model
+from .model_folder import config_dict, save_model
 from .data import CubCrops, load_crops, random_flip, to_model_range
 from .diffusion import DiffusionConfig, DiffusionLoss, NoiseSchedule
 from .guidance import SPECIES_WEIGHT
 from .networks import UNet, UNetConfig, parameter_count, preset
 from .run_folder import (BatchStream, LoopState, MetricsLog, RunFolder, StopRequests, TrainingError, read_state)
 from .samplers import DDIMSampler, Denoiser, initial_noise, run_to_end
-from .utils import check_field_types, machine_description, resolve_device
+from .utils import dataclass_from_dict, machine_description, resolve_device
 
 # Settings that may change when a run is resumed; any other difference means another run.
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_threads",
@@ -171,14 +171,10 @@ class TrainConfig:
 def config_from_dict(cls, values: dict, source: str):
     """A config dataclass from a mapping, with one-line errors naming `source` for unknown
     settings and values of the wrong type."""
-    unknown = sorted(set(values) - {f.name for f in fields(cls)})
-    if unknown:
-        raise TrainingError(f"{source}: unknown setting(s) {', '.join(unknown)}")
     try:
-        check_field_types(cls, values)
+        return dataclass_from_dict(cls, values)
     except ValueError as error:
         raise TrainingError(f"{source}: {error}") from None
-    return cls(**values)
 
 
 class EMA:
@@ -538,7 +534,7 @@ def initialise_from(model: UNet, folder: str, diffusion_config: DiffusionConfig)
     """Starts `model` from a model folder's weights: the same network, except that a
     conditional model may start from an unconditional one, whose missing class embedding
     stays zero, so the new model begins exactly as the old one."""
-    from .checkpoint import ModelError, load_model
+    from .model_folder import ModelError, load_model
 
     try:
         source = load_model(folder)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, BirdModel, ModelError, load_model
+from .model_folder import CONFIG_FILE, WEIGHTS_FILE, BirdModel, ModelError, load_model
 from .guidance import GUIDE_WEIGHT_RANGE, SPECIES_WEIGHT_RANGE
 from .pipeline import (DEFAULT_SAMPLING, MAX_IMAGES, GenerationQueue, GenerationRequest, QueueFull, model_sampling,
                        planned_evaluations)
@@ -128,7 +128,7 @@ def sampler_controls(key: str = "gen", max_images: int = 16, default_images: int
     if model is not None and model.sampling is not None:
         sampler, steps = model_sampling(model)
         st.info(f"**{model.name}** is distilled to sample in **{steps} {SAMPLER_LABELS[sampler]} step"
-                f"{'s' if steps > 1 else ''}** (its teacher: `{(model.distillation or {}).get('teacher', '?')}`);"
+                f"{'s' if steps > 1 else ''}** (its teacher: `{model.distillation.teacher if model.distillation else '?'}`);"
                 " other settings would give noise, so they are fixed.")
     else:
         columns = st.columns(2)
@@ -156,8 +156,8 @@ def sampler_controls(key: str = "gen", max_images: int = 16, default_images: int
 def ddim_steps(model: BirdModel, container, key: str, help: str | None = None) -> int:
     """A DDIM step slider, or a distilled student's fixed step count shown as such."""
     if model.sampling is not None:
-        container.metric("DDIM steps (distilled)", model.sampling["steps"])
-        return model.sampling["steps"]
+        container.metric("DDIM steps (distilled)", model.sampling.steps)
+        return model.sampling.steps
     return int(container.slider("DDIM steps", 5, 100, 25, key=key, help=help))
 
 
@@ -345,10 +345,9 @@ def _generated_picture(_model: BirdModel, seed: int, model_path: str):
 
 
 def describe(model: BirdModel) -> str:
-    trained = f" · trained on {model.training['images_seen']:,} images" if model.training else ""
+    trained = f" · trained on {model.training.images_seen:,} images" if model.training else ""
     if model.distillation:
-        trained += (f" · distilled from {model.distillation.get('teacher', '?')} on"
-                    f" {model.distillation.get('images_seen', 0):,} more")
+        trained += f" · distilled from {model.distillation.teacher} on {model.distillation.images_seen:,} more"
     from .precision import precision_text
 
     return (f"{model.parameter_count:,} parameters{trained} · {machine_description(model.device)} ·"
@@ -361,7 +360,7 @@ def unequal_training(first: BirdModel, second: BirdModel, tolerance: float = 0.1
     if first.training is None or second.training is None:
         unknown = [m.name for m in (first, second) if m.training is None]
         return f"How long {' and '.join(unknown)} trained is not recorded, so the comparison may not be like for like."
-    seen = first.training["images_seen"], second.training["images_seen"]
+    seen = first.training.images_seen, second.training.images_seen
     if abs(seen[0] - seen[1]) <= tolerance * max(seen):
         return None
     return (f"Not like for like: {first.name} was trained on {seen[0]:,} images and {second.name} on {seen[1]:,}, "

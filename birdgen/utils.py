@@ -98,6 +98,24 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return device
 
 
+def dataclass_from_dict(cls, values: dict, ignore_unknown: bool = False):
+    """`cls(**values)` for a dataclass, or a ValueError naming the unknown settings (unless
+    `ignore_unknown`: left out), the missing required ones, or the first of the wrong type."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown and not ignore_unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}")
+    values = {k: v for k, v in values.items() if k in names}
+    missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in values
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    check_field_types(cls, values)
+    return cls(**values)
+
+
 def check_field_types(cls, values: dict) -> None:
     """Raises ValueError naming the first field of dataclass `cls` whose value in `values` has
     the wrong type (int, float, str, bool, tuple[int, ...], optionally "| None")."""

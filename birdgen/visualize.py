@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .checkpoint import BirdModel
+from .model_folder import BirdModel
 from .data import to_uint8
 from .diffusion import NoiseSchedule
 from .pipeline import GenerationRequest, generation_steps

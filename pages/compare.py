@@ -30,7 +30,7 @@ species = choice.class_id
 request = ui.sampler_controls("cmp", max_images=16, default_images=8)
 requests = [ui.with_guidance(model, for_model(model, request), dataclasses.replace(choice, guide_weight=weight))
             for model, weight in ((left, left_guide), (right, right_guide))]
-students = [f"{m.name} ({m.sampling['steps']} {m.sampling['sampler']} steps)" for m in (left, right) if m.sampling]
+students = [f"{m.name} ({m.sampling.steps} {m.sampling.sampler} steps)" for m in (left, right) if m.sampling]
 if students:
     st.info(f"{' and '.join(students)} {'is a distilled student' if len(students) == 1 else 'are distilled students'}"
             " and always samples with its own sampler; the settings above apply to the other model.")

@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from birdgen import ui
-from birdgen.checkpoint import ModelError
+from birdgen.model_folder import ModelError
 from birdgen.data import DatasetError
 from birdgen.evaluation import (MEMORIZATION_PAIRS_FILE, MIN_SAMPLES, EvalSettings, EvaluationError, resolve_sampler,
                                 run_evaluation, save_evaluation, summary)

@@ -6,7 +6,7 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from birdgen.checkpoint import build_model, save_model
+from birdgen.model_folder import build_model, save_model
 from birdgen.diffusion import DiffusionConfig
 from birdgen.networks import preset
 from conftest import REPO
@@ -305,7 +305,9 @@ def test_explore_page_moves_between_species_for_a_species_model(models):
 def with_student(models):
     model = build_model(preset("small", channels=(8, 16)), DiffusionConfig(num_steps=100))
     save_model(models / "student", model.network, model.network_config, model.diffusion_config,
-               sampling={"sampler": "ddim", "steps": 2}, distillation={"teacher": "models/small-attn"})
+               sampling={"sampler": "ddim", "steps": 2},
+               distillation={"method": "progressive distillation", "teacher": "models/small-attn", "teacher_steps": 4,
+                             "rounds": 1, "round_steps": 10, "batch_size": 4, "lr": 1e-4, "images_seen": 40})
     return models
 
 

@@ -37,7 +37,7 @@ def browser_and_url(tmp_path_factory):
     require_browser()
     env = {"BIRDGEN_RUNS_DIR": str(tmp_path_factory.mktemp("runs"))}
     if not any((p / "config.json").is_file() for p in (REPO / "models").glob("*")):
-        from birdgen.checkpoint import build_model, save_model
+        from birdgen.model_folder import build_model, save_model
         from birdgen.diffusion import DiffusionConfig
         from birdgen.networks import preset
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from birdgen import download as dl
-from birdgen.checkpoint import build_model, save_model
+from birdgen.model_folder import build_model, save_model
 from birdgen.cli import main
 from birdgen.diffusion import DiffusionConfig
 from birdgen.networks import PRESETS, preset

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from birdgen.checkpoint import build_model, load_model, save_model
+from birdgen.model_folder import build_model, load_model, save_model
 from birdgen.cli import main
 from birdgen.data import load_crops, split_record
 from birdgen.diffusion import DiffusionConfig, NoiseSchedule
@@ -13,6 +13,7 @@ from birdgen.distillation import DistillConfig, ProgressiveDistillationLoss, dis
 from birdgen.editing import final_steps
 from birdgen.networks import preset
 from birdgen.pipeline import GenerationRequest, generate, model_sampling
+from birdgen.records import SamplingRecord
 from birdgen.samplers import DDIMSampler, Denoiser
 from birdgen.training_loop import TrainingError
 
@@ -119,8 +120,8 @@ def test_student_folder_round_trips_with_its_sampler(tiny_cub, tmp_path):
     distill(settings(teacher, tiny_cub), run)
     for steps in (4, 2):
         student = load_model(export_student(run, tmp_path / f"student{steps}", steps))
-        assert student.sampling == {"sampler": "ddim", "steps": steps}
-        assert student.distillation["teacher"] == str(teacher) and student.distillation["rounds"] == {4: 1, 2: 2}[steps]
+        assert student.sampling == SamplingRecord("ddim", steps)
+        assert student.distillation.teacher == str(teacher) and student.distillation.rounds == {4: 1, 2: 2}[steps]
         assert student.data == load_model(teacher).data
         assert model_sampling(student) == ("ddim", steps)
         assert generate(student, GenerationRequest(num_images=2)).steps == steps
@@ -197,6 +198,6 @@ def test_a_student_of_a_student_names_the_root_teacher(tiny_cub, tmp_path):
     distill(settings(middle, tiny_cub, teacher_steps=4, steps_target=2, round_steps=2), tmp_path / "second")
     final = load_model(export_student_with_card(tmp_path / "second", tmp_path / "student2"))
     record = final.distillation
-    assert record["teacher"] == str(teacher) and record["distilled_teacher"] == str(middle)
-    assert record["earlier"]["teacher_steps"] == 8 and record["images_seen_total"] == 2 * 2 * 4
+    assert record.teacher == str(teacher) and record.distilled_teacher == str(middle)
+    assert record.earlier.teacher_steps == 8 and record.images_seen_total == 2 * 2 * 4
     assert "| earlier stage |" in (tmp_path / "student2" / "README.md").read_text()

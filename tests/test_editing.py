@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from birdgen.checkpoint import build_model, save_model
+from birdgen.model_folder import build_model, save_model
 from birdgen.cli import main
 from birdgen.diffusion import DiffusionConfig
 from birdgen.editing import (EditError, EditRequest, RePaintSampler, inpaint_steps, interpolation_noise,

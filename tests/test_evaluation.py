@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from birdgen.checkpoint import build_model, load_model, save_model
+from birdgen.model_folder import build_model, load_model, save_model
 from birdgen.data import DatasetError, load_crops, split_record
 from birdgen.diffusion import DiffusionConfig
 from birdgen.evaluation import (EvalSettings, Evaluation, EvaluationError, MemorizationSets, evaluate, extract_features, kid_and_fid,

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from birdgen.checkpoint import ModelError, build_model, load_model, save_model
+from birdgen.model_folder import ModelError, build_model, load_model, save_model
 from birdgen.cli import main
 from birdgen.diffusion import DiffusionConfig
 from birdgen.guidance import GuidanceError, GuidanceRecord, parse_interval, resolve_guidance

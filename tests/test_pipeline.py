@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from birdgen.checkpoint import ModelError, build_model, push_model, save_model
+from birdgen.model_folder import ModelError, build_model, push_model, save_model
 from birdgen.diffusion import DiffusionConfig
 from birdgen.networks import preset
 from birdgen.pipeline import GenerationRequest, generate

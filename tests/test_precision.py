@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from birdgen import precision
-from birdgen.checkpoint import build_model
+from birdgen.model_folder import build_model
 from birdgen.diffusion import DiffusionConfig
 from birdgen.networks import preset
 

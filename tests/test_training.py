@@ -210,7 +210,7 @@ def test_two_gloo_processes_match_one_process_with_same_global_batch(tiny_cub, t
 
 
 def test_export_writes_a_loadable_model_with_an_honest_card(tiny_cub, tmp_path):
-    from birdgen.checkpoint import load_model
+    from birdgen.model_folder import load_model
     from birdgen.cli import main
 
     run = tmp_path / "run"
@@ -218,7 +218,7 @@ def test_export_writes_a_loadable_model_with_an_honest_card(tiny_cub, tmp_path):
     assert main(["export", str(run), "--to", str(tmp_path / "model"), "--heldout-batches", "1"]) == 0
     model = load_model(tmp_path / "model")
     assert model.network_config.channels == (8, 16) and model.diffusion_config.num_steps == 100
-    assert model.training["steps"] == 4 and model.training["images_seen"] == 16
+    assert model.training.steps == 4 and model.training.images_seen == 16
     card = (tmp_path / "model" / "README.md").read_text()
     assert "4 steps of batch 4 = 16 images seen" in card
     assert "Noise-prediction MSE on 6 held-out crops" in card  # the fixture's official test images

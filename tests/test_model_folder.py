@@ -3,8 +3,10 @@ import json
 import pytest
 import torch
 
-from birdgen.checkpoint import ModelError, build_model, load_model, save_model
+from conftest import REPO
+
 from birdgen.diffusion import DiffusionConfig
+from birdgen.model_folder import RECORDS, ModelError, build_model, load_model, read_config, save_model
 from birdgen.networks import preset
 
 TINY = dict(channels=(16, 32), image_size=32)
@@ -86,7 +88,16 @@ def test_config_that_does_not_match_weights(model_folder):
                                            ('{"format": "birdgen-model", "network": {}, "diffusion": {"num_steps": "9"}}',
                                             "diffusion: num_steps must be an integer, not '9'"),
                                            ('{"format": "birdgen-model", "network": {}, "diffusion": {"schedule": 3}}',
-                                            "diffusion: schedule must be a string, not 3")])
+                                            "diffusion: schedule must be a string, not 3"),
+                                           ('{"format": "birdgen-model", "network": {}, "diffusion": {},'
+                                            ' "training": {"steps": 4, "images_seen": "many", "train_hours": 1}}',
+                                            "'training': images_seen must be an integer, not 'many'"),
+                                           ('{"format": "birdgen-model", "network": {}, "diffusion": {},'
+                                            ' "distillation": {"teacher": "models/small-attn"}}',
+                                            "'distillation': missing batch_size, images_seen, lr, method"),
+                                           ('{"format": "birdgen-model", "network": {}, "diffusion": {},'
+                                            ' "sampling": {"sampler": "ddim", "steps": 4000}}',
+                                            "'sampling' must name a sampler")])
 def test_bad_configs(model_folder, text, message):
     folder, _ = model_folder
     (folder / "config.json").write_text(text)
@@ -139,3 +150,12 @@ def test_cached_hub_snapshot_loads_offline(model_folder, tmp_path, monkeypatch):
     except ModelError:
         pytest.skip(f"this huggingface_hub version does not read a monkeypatched cache ({snapshot_download})")
     assert loaded.network_config == original.network_config
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in (REPO / "models").iterdir() if (p / "config.json").is_file()))
+def test_every_shipped_record_reads_as_typed_and_writes_back_unchanged(folder):
+    raw = json.loads((REPO / "models" / folder / "config.json").read_text())
+    records = read_config(REPO / "models" / folder)[2]
+    for key, record_class in RECORDS.items():
+        if key in raw:
+            assert isinstance(records[key], record_class) and records[key].to_dict() == raw[key], key

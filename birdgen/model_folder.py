@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from .diffusion import DiffusionConfig, NoiseSchedule
 from .guidance import GUIDE_WEIGHT, NO_GUIDE, GuidanceError, GuidanceRecord, ResolvedGuidance, resolve_guidance
 from .networks import UNet, UNetConfig, parameter_count
+from .records import DataRecord, DistillationRecord, RecordError, SamplingRecord, TrainingRecord
 from .samplers import SAMPLERS, Denoiser
 from .utils import check_field_types, writing
 
@@ -39,6 +40,11 @@ class ModelError(ValueError):
     """A model folder, config or Hub id that cannot be used; the message names it."""
 
 
+# The records config.json may hold beside network and diffusion (species and guidance are read apart).
+RECORDS = {"training": TrainingRecord, "data": DataRecord, "sampling": SamplingRecord,
+           "distillation": DistillationRecord}
+
+
 @dataclass
 class BirdModel:
     """A network ready for sampling, with the schedule and prediction target it was trained for."""
@@ -47,12 +53,12 @@ class BirdModel:
     network_config: UNetConfig
     diffusion_config: DiffusionConfig
     path: Path | None = None
-    training: dict | None = None  # {"steps", "images_seen", "train_hours"} when exported from a run
-    data: dict | None = None  # the crops and split it trained on (see `data.split_record`)
+    training: TrainingRecord | None = None  # how long the weights trained, when exported from a run
+    data: DataRecord | None = None  # the crops and split it trained on
     species: list[list] | None = None  # [[class id, class folder name], …] by class index, for conditional models
-    sampling: dict | None = None  # {"sampler", "steps"}: the only sampler a distilled student works with
-    distillation: dict | None = None  # how a student was distilled (teacher, method, rounds, images seen)
-    guidance: GuidanceRecord | None = None  # default guidance (config.json "guidance")
+    sampling: SamplingRecord | None = None  # the only sampler a distilled student works with
+    distillation: DistillationRecord | None = None  # how a student was distilled
+    guidance: GuidanceRecord | None = None  # default guidance
     guide: "BirdModel | None" = None  # the weaker model that autoguides this one, loaded with it
 
     @cached_property
@@ -148,11 +154,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_config: UNetConfig,
                diffusion_config: DiffusionConfig, half: bool = False, card: str | None = None,
-               training: dict | None = None, data: dict | None = None, species: list | None = None,
-               sampling: dict | None = None, distillation: dict | None = None, guidance: dict | None = None) -> Path:
+               training: TrainingRecord | dict | None = None, data: DataRecord | dict | None = None,
+               species: list | None = None, sampling: SamplingRecord | dict | None = None,
+               distillation: DistillationRecord | dict | None = None,
+               guidance: GuidanceRecord | dict | None = None) -> Path:
     """Writes weights and config (each atomically) and the model card, if given; `training` records how
     much the weights were trained, so that comparisons can say when two models are not on equal footing;
-    `data` records the crops and split, so that evaluation can find the crops the model never saw."""
+    `data` records the crops and split, so that evaluation can find the crops the model never saw.
+    Records may be given as records or in their JSON form (checked the same way as when read)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if half else torch.float32
@@ -161,9 +170,14 @@ def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_conf
     with writing(folder / WEIGHTS_FILE, "the model weights", temporary):
         save_file(tensors, str(temporary), metadata={"format": FORMAT})
         os.replace(temporary, folder / WEIGHTS_FILE)
-    extra = {"weights_dtype": str(dtype).removeprefix("torch.")} | ({"training": training} if training else {}) \
-        | ({"data": data} if data else {}) | ({"species": species} if species else {}) \
-        | ({"sampling": sampling} if sampling else {}) | ({"distillation": distillation} if distillation else {}) \
+    given = {"training": training, "data": data, "sampling": sampling, "distillation": distillation}
+    try:
+        extra = {key: RECORDS[key].from_dict(value).to_dict() for key, value in given.items() if value}
+    except RecordError as error:
+        raise ModelError(f"{folder / CONFIG_FILE}: {error}") from None
+    if isinstance(guidance, GuidanceRecord):
+        guidance = guidance.to_dict()
+    extra = {"weights_dtype": str(dtype).removeprefix("torch."), **extra} | ({"species": species} if species else {}) \
         | ({"guidance": guidance} if guidance else {})
     atomic_write_text(folder / CONFIG_FILE, json.dumps(config_dict(network_config, diffusion_config, **extra),
                                                        indent=2) + "\n")
@@ -173,9 +187,9 @@ def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_conf
 
 
 def read_config(folder: Path) -> tuple[UNetConfig, DiffusionConfig, dict]:
-    """The network and diffusion settings of a model folder, and its optional records
-    ({"training": …, "data": …, "species": …, "sampling": …, "distillation": …, "guidance": …},
-    each present only if the folder has it; "guidance" as a GuidanceRecord)."""
+    """The network and diffusion settings of a model folder, and its optional records by key
+    (those of RECORDS as their records, "species" as a list, "guidance" as a GuidanceRecord),
+    each present only if the folder has it."""
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise ModelError(f"{path}: missing model config (is {folder} a birdgen model folder?)")
@@ -194,21 +208,24 @@ def read_config(folder: Path) -> tuple[UNetConfig, DiffusionConfig, dict]:
         except (TypeError, ValueError) as error:
             raise ModelError(f"{path}: {section}: {error}") from None
     network, diffusion = sections["network"], sections["diffusion"]
-    records = {key: raw[key] for key in ("training", "data", "species", "sampling", "distillation", "guidance")
-               if raw.get(key) is not None}
-    for key, value in records.items():
-        kind = list if key == "species" else dict
-        if not isinstance(value, kind):
-            raise ModelError(f"{path}: '{key}' must be {'a list' if kind is list else 'an object'}, not"
-                             f" {type(value).__name__}")
+    try:
+        records = {key: RECORDS[key].from_dict(raw[key]) for key in RECORDS if raw.get(key) is not None}
+    except RecordError as error:
+        raise ModelError(f"{path}: {error}") from None
+    for key in ("species", "guidance"):
+        if raw.get(key) is not None:
+            kind = list if key == "species" else dict
+            if not isinstance(raw[key], kind):
+                raise ModelError(f"{path}: '{key}' must be {'a list' if kind is list else 'an object'}, not"
+                                 f" {type(raw[key]).__name__}")
+            records[key] = raw[key]
     species = records.get("species")
     if species is not None and (len(species) != network.num_classes or not all(
             isinstance(s, list) and len(s) == 2 and isinstance(s[0], int) and isinstance(s[1], str) for s in species)):
         raise ModelError(f"{path}: 'species' must list [class id, name] for each of the network's"
                          f" {network.num_classes} classes")
     sampling = records.get("sampling")
-    if sampling is not None and not (sampling.get("sampler") in SAMPLERS and type(sampling.get("steps")) is int
-                                     and 1 <= sampling["steps"] <= diffusion.num_steps):
+    if sampling is not None and not (sampling.sampler in SAMPLERS and 1 <= sampling.steps <= diffusion.num_steps):
         raise ModelError(f"{path}: 'sampling' must name a sampler ({', '.join(SAMPLERS)}) and its steps (1-"
                          f"{diffusion.num_steps}), not {sampling}")
     if network.num_classes and species is None:
@@ -282,10 +299,8 @@ def load_model(path_or_hub_id: str | os.PathLike, device: str | torch.device = "
     model = build_model(network_config, diffusion_config, "cpu")
     load_weights(folder / WEIGHTS_FILE, model.network)
     model.network.to(device)
-    model.path, model.training, model.data = folder, records.get("training"), records.get("data")
-    model.species = records.get("species")
-    model.sampling, model.distillation = records.get("sampling"), records.get("distillation")
-    model.guidance = records.get("guidance")
+    model.path = folder
+    model = replace(model, **records)
     named = model.guidance.guide if model.guidance else None
     if guide != NO_GUIDE and (guide or named):
         location = guide if guide else folder / named

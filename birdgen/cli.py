@@ -163,8 +163,9 @@ def cmd_eval(args) -> int:
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
-        bar = bars.setdefault(stage, tqdm(total=total, desc=stage.capitalize(), unit="img"))
-        bar.update(done - bar.n)
+        if stage not in bars:  # one bar per stage, made on its first report
+            bars[stage] = tqdm(total=total, desc=stage.capitalize(), unit="img")
+        bars[stage].update(done - bars[stage].n)
 
     evaluation = run_evaluation(model, args.data, settings, args.features, args.inception_weights, progress, print)
     for bar in bars.values():

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .data import load_crops, recover_split
+from .guidance import GUIDE_WEIGHT_RANGE, GuidanceError, check_weight
 from .diffusion import DiffusionConfig, NoiseSchedule
 from .model_folder import BirdModel, ModelError, config_dict, load_model, save_model
 from .networks import UNet, UNetConfig, parameter_count
@@ -40,6 +41,8 @@ RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "sample_every", "lo
 @dataclass
 class DistillConfig:
     teacher: str = "models/small-attn"  # model folder: a trained model, or a student to halve further
+    guide: str = ""  # autoguidance of the first round's targets: "" the teacher's own guide, "none", or a folder
+    guide_weight: float | None = None  # its weight w (0-5); None: the teacher's default, 1: unguided
     data: str = ""  # CUB_200_2011 root; the teacher's own training crops are used (its split record)
     teacher_steps: int = 32  # DDIM steps of the teacher that the first round halves
     steps_target: int = 4  # DDIM steps of the final student; teacher_steps / steps_target must be a power of 2
@@ -84,6 +87,11 @@ class DistillConfig:
             raise TrainingError(f"learning rate must be positive (got {self.lr})")
         if self.grad_clip < 0 or self.num_threads < 0:
             raise TrainingError("grad_clip and num_threads must not be negative")
+        if self.guide_weight is not None:
+            try:
+                check_weight("guide_weight", self.guide_weight, GUIDE_WEIGHT_RANGE)
+            except GuidanceError as error:
+                raise TrainingError(str(error)) from None
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise TrainingError(f"precision {self.precision!r}: choose one of auto, fp32, bf16, fp16")
 
@@ -102,11 +110,13 @@ class ProgressiveDistillationLoss:
         x~ = (z_t'' - (sigma_t'' / sigma_t) z_t) / (alpha_t'' - (sigma_t'' / sigma_t) alpha_t),
     and the loss is the truncated-SNR-weighted error max(SNR_t, 1) ||x~ - x_hat(z_t)||^2 (sec. 4).
     The teacher's steps clip x_0 to [-1, 1] as the samplers do, so the student learns the
-    sampler the app runs.
+    sampler the app runs; with a `guide`, they are autoguided with weight `guide_weight` at the
+    timesteps in `interval`, so the student learns the guided sampler in its own few steps.
     """
 
     def __init__(self, schedule: NoiseSchedule, student_steps: int, autocast_dtype: torch.dtype | None = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", guide: torch.nn.Module | None = None, guide_weight: float = 1.0,
+                 interval: tuple[int, int] | None = None):
         teacher_grid = DDIMSampler(schedule, 2 * student_steps).timesteps
         student_grid = DDIMSampler(schedule, student_steps).timesteps
         if teacher_grid[::2] != student_grid:
@@ -120,6 +130,10 @@ class ProgressiveDistillationLoss:
         self.timesteps = torch.tensor(teacher_grid + [-1], device=device)
         self.alpha_bar = torch.cat([schedule.alpha_bar64[teacher_grid],
                                     torch.ones(1, dtype=torch.float64)]).float().to(device)
+        self.guide = guide if guide_weight != 1 else None
+        self.guide_weight = guide_weight
+        low, high = interval or (0, schedule.num_steps - 1)
+        self.guided = (self.timesteps >= low) & (self.timesteps <= high)
 
     def _coefficients(self, points: torch.Tensor, like: torch.Tensor):
         alpha_bar = self.alpha_bar[points].view(-1, 1, 1, 1)
@@ -132,10 +146,19 @@ class ProgressiveDistillationLoss:
             output = network(z, t).float()
         return self.schedule.predict_x0_and_eps(output, z, t)[0]
 
+    def _teacher_x0(self, teacher, z: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """The teacher's x_0, autoguided inside the interval where there is a guide (Karras et al.
+        2024, eq. 1: D = D_guide + w (D_main - D_guide), as the app's samplers run it)."""
+        x0 = self._predict_x0(teacher, z, points)
+        if self.guide is None:
+            return x0
+        guided = self._predict_x0(self.guide, z, points).lerp(x0, self.guide_weight)
+        return torch.where(self.guided[points].view(-1, 1, 1, 1), guided, x0)
+
     @torch.no_grad()
     def _teacher_step(self, teacher, z: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """One clipped DDIM step (Song et al. 2021, eq. 12, eta = 0) from grid point p to p + 1."""
-        x0 = self._predict_x0(teacher, z, points).clamp(-1, 1)
+        x0 = self._teacher_x0(teacher, z, points).clamp(-1, 1)
         alpha, sigma = self._coefficients(points, z)
         eps = (z - alpha * x0) / sigma
         alpha_next, sigma_next = self._coefficients(points + 1, z)
@@ -172,7 +195,7 @@ class ProgressiveDistillationLoss:
 def load_teacher(config: DistillConfig, device: torch.device):
     """The teacher model; a student may teach only at its own step count (its grid's halves)."""
     try:
-        teacher = load_model(config.teacher, device)
+        teacher = load_model(config.teacher, device, guide=config.guide or None)
     except ModelError as error:
         raise TrainingError(f"teacher: {error}") from None
     if teacher.conditional:
@@ -241,6 +264,22 @@ def distillation_step(state: DistillState, loss_fn: ProgressiveDistillationLoss,
     return True
 
 
+def teacher_guide(config: DistillConfig, teacher: BirdModel) -> tuple[torch.nn.Module | None, dict | None]:
+    """The network that autoguides the first round's targets and its record for run.json
+    ({"guide", "guide_weight", "guide_interval"}), or (None, None) when the targets are unguided."""
+    try:
+        guidance = teacher.resolve_guidance(guide_weight=config.guide_weight)
+    except GuidanceError as error:
+        raise TrainingError(f"teacher {config.teacher}: {error}") from None
+    if teacher.guide is None or guidance.guide_weight == 1:
+        return None, None
+    guide = teacher.guide.network.eval().requires_grad_(False)
+    if config.channels_last:
+        guide = guide.to(memory_format=torch.channels_last)
+    interval = list(guidance.interval) if guidance.interval else None
+    return guide, {"guide": str(teacher.guide.path), "guide_weight": guidance.guide_weight, "guide_interval": interval}
+
+
 def teacher_crops(config: DistillConfig, teacher: BirdModel, crops, device: torch.device) -> torch.Tensor:
     """The teacher's own training crops (its split record), uint8 NHWC on `device`."""
     if crops is None:
@@ -272,6 +311,7 @@ def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False,
     autocast_dtype = resolve_precision(config, device)
     images = teacher_crops(config, teacher_model, crops, device)
     teacher = teacher_model.network.eval().requires_grad_(False)
+    guide, guide_record = teacher_guide(config, teacher_model)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     if config.channels_last:
         teacher, student = (n.to(memory_format=torch.channels_last) for n in (teacher, student))
@@ -285,7 +325,8 @@ def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False,
     folder.start(config, state.step, machine, lambda: {
         "kind": "distillation", "parameters": parameter_count(student), "teacher": str(config.teacher),
         "teacher_training": record_dict(teacher_model.training), "data": record_dict(teacher_model.data),
-        "teacher_distillation": record_dict(teacher_model.distillation), "train_images": len(images),
+        "teacher_distillation": record_dict(teacher_model.distillation), "teacher_guidance": guide_record,
+        "train_images": len(images),
         **config_dict(teacher_model.network_config, teacher_model.diffusion_config)})
     print(f"Distilling {config.teacher} ({parameter_count(student):,} parameters): DDIM {config.teacher_steps} ->"
           f" {config.steps_target} steps in {config.rounds} rounds of {config.round_steps} steps of batch"
@@ -303,8 +344,10 @@ def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False,
             if state.step // config.round_steps != state.round:
                 state.next_round()
             if loss_fn is None or loss_fn.student_steps != config.student_steps(state.round):
+                # only the first round's teacher is the guided model; later ones are its students
                 loss_fn = ProgressiveDistillationLoss(schedule, config.student_steps(state.round), autocast_dtype,
-                                                      device)
+                                                      device, guide if state.round == 0 else None,
+                                                      *guidance_of(guide_record))
             started = time.perf_counter()
             if not distillation_step(state, loss_fn, images, config):
                 continue
@@ -330,6 +373,13 @@ def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False,
         folder.close()
         stop.release()
     return folder.checkpoints.latest()
+
+
+def guidance_of(record: dict | None) -> tuple[float, tuple[int, int] | None]:
+    """(guide weight, interval) of a run.json guidance record; (1, None) when unguided."""
+    if record is None:
+        return 1.0, None
+    return record["guide_weight"], tuple(record["guide_interval"]) if record["guide_interval"] else None
 
 
 def student_file(run_dir: Path, steps: int) -> Path:
@@ -371,6 +421,9 @@ def export_student(run_dir: str | os.PathLike, out: str | os.PathLike, steps: in
     distillation = DistillationRecord(METHOD, run["teacher"], config.teacher_steps, round_index + 1, config.round_steps,
                                       config.batch_size, config.lr, done_steps * config.batch_size, run.get("machine"),
                                       round(seconds / 3600, 2))
+    if run.get("teacher_guidance"):
+        distillation = replace(distillation, **{k: tuple(v) if isinstance(v, list) else v
+                                                for k, v in run["teacher_guidance"].items()})
     if run.get("teacher_distillation"):  # the teacher was a student: name the model at the root of the chain
         earlier = DistillationRecord.from_dict(run["teacher_distillation"])
         distillation = replace(distillation, teacher=earlier.teacher, distilled_teacher=run["teacher"],

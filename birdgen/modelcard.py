@@ -302,6 +302,15 @@ def update_card_quality(folder: Path) -> None:
     atomic_write_text(path, card)
 
 
+def guided_teacher_row(record: DistillationRecord) -> str:
+    """The card row saying that the teacher's targets were autoguided, or nothing."""
+    if record.guide is None:
+        return ""
+    where = f"t {record.guide_interval[0]}–{record.guide_interval[1]}" if record.guide_interval else "every step"
+    return (f"| guided teacher | the first round's targets are the teacher autoguided by `{record.guide}` with w"
+            f" {record.guide_weight:g} ({where}), so the student learns the guided sampler |\n")
+
+
 def earlier_rows(record: DistillationRecord) -> str:
     """Card rows for the stages before this one when a student was distilled from a student."""
     rows, earlier = [], record.earlier
@@ -348,13 +357,13 @@ has not learned them).
 | method | {d.method}: each round halves the DDIM steps; the student learns to land in one step where its teacher lands in two (truncated-SNR-weighted x₀ loss, teacher steps clipped to [-1, 1] like the app's sampler) |
 | teacher | `{d.distilled_teacher or d.teacher}` at DDIM {d.teacher_steps} steps, {student.parameter_count:,} parameters, same network |
 | rounds | {d.rounds} ({' → '.join(str(d.teacher_steps >> r) for r in range(d.rounds + 1))} steps), {d.round_steps:,} steps of batch {d.batch_size} each, AdamW lr {d.lr:g} decayed linearly to 0 per round |
-| distillation | {d.images_seen:,} images seen on {d.machine or 'unknown hardware'} (the whole run: {d.run_hours or 0:.2f} h) |
+{guided_teacher_row(d)}| distillation | {d.images_seen:,} images seen on {d.machine or 'unknown hardware'} (the whole run: {d.run_hours or 0:.2f} h) |
 | data | the teacher's own training crops (its split record is copied into `config.json`) |
 {earlier_rows(d)}
 Distillation command:
 
 ```
-birdgen distill --out {run_dir} --teacher {config.teacher} --data {config.data} --teacher-steps {config.teacher_steps} --steps-target {config.steps_target} --round-steps {config.round_steps} --lr {config.lr:g} --batch-size {config.batch_size}
+birdgen distill --out {run_dir} --teacher {config.teacher} --data {config.data} --teacher-steps {config.teacher_steps} --steps-target {config.steps_target} --round-steps {config.round_steps} --lr {config.lr:g} --batch-size {config.batch_size}{f' --guide {config.guide}' if config.guide else ''}{f' --guide-weight {config.guide_weight:g}' if config.guide_weight is not None else ''}
 birdgen export {run_dir} --to {out} --steps {steps}
 ```
 

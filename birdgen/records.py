@@ -88,6 +88,9 @@ class DistillationRecord(Record):
     run_hours: float | None = None
     distilled_teacher: str | None = None
     images_seen_total: int | None = None
+    guide: str | None = None  # the guide that autoguided the first round's teacher
+    guide_weight: float | None = None  # its weight w
+    guide_interval: tuple[int, ...] | None = None  # the timesteps (low, high) where it guided; None: all
     earlier: "DistillationRecord | None" = None
 
     @classmethod

@@ -113,7 +113,7 @@ def dataclass_from_dict(cls, values: dict, ignore_unknown: bool = False):
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
     check_field_types(cls, values)
-    return cls(**values)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})  # JSON lists: tuples
 
 
 def check_field_types(cls, values: dict) -> None:

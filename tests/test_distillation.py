@@ -10,6 +10,7 @@ from birdgen.cli import main
 from birdgen.data import load_crops, split_record
 from birdgen.diffusion import DiffusionConfig, NoiseSchedule
 from birdgen.distillation import DistillConfig, ProgressiveDistillationLoss, distill, export_student
+from birdgen.modelcard import export_student_with_card
 from birdgen.editing import final_steps
 from birdgen.networks import preset
 from birdgen.pipeline import GenerationRequest, generate, model_sampling
@@ -71,6 +72,51 @@ def test_a_distillation_step_reduces_the_loss_against_the_two_step_target():
         loss_fn(student, teacher, x0, noise, index).backward()
         optimizer.step()
     assert loss_fn(student, teacher, x0, noise, index).item() < 0.75 * before
+
+
+def randomised(model, seed: int):
+    """A model whose output is not the untrained network's zero (its last layer starts at zero)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.network.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.mark.parametrize("interval", [None, (30, 99)])
+def test_guided_targets_land_on_two_steps_of_the_autoguided_sampler(interval):
+    """With a guide, the teacher's two steps are those of the app's autoguided DDIM (the Denoiser
+    with the same guide, weight and interval), so the student learns the guided sampler."""
+    model, guide = randomised(build_model(TINY, DIFFUSION), 0), randomised(build_model(TINY, DIFFUSION), 1)
+    schedule = NoiseSchedule(DIFFUSION)
+    loss = ProgressiveDistillationLoss(schedule, 4, guide=guide.network, guide_weight=2.5, interval=interval)
+    plain = ProgressiveDistillationLoss(schedule, 4)
+    guided_denoiser = Denoiser(model.network, schedule, guide=guide.network, guide_weight=2.5, interval=interval)
+    z = torch.randn(3, 3, 16, 16)
+    for j in range(4):
+        index = torch.full((3,), j)
+        two_steps = list(final_steps(DDIMSampler(schedule, 8), 8 - 2 * j).steps(guided_denoiser, z))[1].x
+        points = 2 * index
+        z_end = loss._teacher_step(model.network, loss._teacher_step(model.network, z, points), points + 1)
+        assert torch.allclose(z_end, two_steps, atol=1e-4), j
+    assert not torch.allclose(loss.target(model.network, z, torch.zeros(3, dtype=torch.long)),
+                              plain.target(model.network, z, torch.zeros(3, dtype=torch.long)))
+
+
+def test_guided_distillation_records_its_guide_in_the_student(tiny_cub, tmp_path):
+    teacher = make_teacher(tmp_path / "teacher", tiny_cub)
+    guide = randomised(build_model(TINY, DIFFUSION), 1)
+    save_model(tmp_path / "guide", guide.network, TINY, DIFFUSION, data=load_model(teacher).data)
+    guided = settings(teacher, tiny_cub, steps_target=4, guide=str(tmp_path / "guide"), guide_weight=2.0)
+    distill(guided, tmp_path / "guided")
+    distill(settings(teacher, tiny_cub, steps_target=4), tmp_path / "plain")
+    student = load_model(export_student_with_card(tmp_path / "guided", tmp_path / "student"))
+    assert student.distillation.guide == str(tmp_path / "guide") and student.distillation.guide_weight == 2.0
+    assert "| guided teacher |" in (tmp_path / "student" / "README.md").read_text()
+    a, b = (load_file(str(tmp_path / run / "students" / "ddim-4.safetensors")) for run in ("guided", "plain"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the guide changed what the student learned
+    with pytest.raises(TrainingError, match="guide_weight 9.0 out of range"):
+        distill(settings(teacher, tiny_cub, guide_weight=9.0), tmp_path / "bad")
 
 
 class StopAfter:

@@ -304,7 +304,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class=TrainConfig) 
         kind = hints[field.name]
         if isinstance(kind, types.UnionType):  # "X | None": the flag takes an X
             kind = next(k for k in typing.get_args(kind) if k is not type(None))
-        default = "none" if field.default in (None, "") else (
+        default = "unset" if field.default in (None, "") else (
             ",".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default)
         help_text = f"{comments[field.name]} (default: {default})".replace("%", "%%")
         if kind is bool:

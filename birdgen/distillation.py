@@ -41,8 +41,8 @@ RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "sample_every", "lo
 @dataclass
 class DistillConfig:
     teacher: str = "models/small-attn"  # model folder: a trained model, or a student to halve further
-    guide: str = ""  # autoguidance of the first round's targets: "" the teacher's own guide, "none", or a folder
-    guide_weight: float | None = None  # its weight w (0-5); None: the teacher's default, 1: unguided
+    guide: str = ""  # guide folder that autoguides the first round's targets, or "none"; unset: the teacher's own
+    guide_weight: float | None = None  # its weight w, 0-5 (1: unguided); unset: the teacher's default
     data: str = ""  # CUB_200_2011 root; the teacher's own training crops are used (its split record)
     teacher_steps: int = 32  # DDIM steps of the teacher that the first round halves
     steps_target: int = 4  # DDIM steps of the final student; teacher_steps / steps_target must be a power of 2

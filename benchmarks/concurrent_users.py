@@ -22,10 +22,11 @@ import time
 
 from common import REPO, machine, save
 from birdgen.data import cache_dir
+from birdgen.ui import STEP_RANGES
 
 sys.path.insert(0, str(REPO / "tests"))
 
-from browser_support import chromium, generate_birds, streamlit_app  # noqa: E402
+from browser_support import chromium, streamlit_app  # noqa: E402
 
 STEPS, SEED = 10, 0
 BUSY = "The server is busy"
@@ -67,15 +68,30 @@ def prepare(page, url: str, model: str) -> None:
     page.get_by_role("option", name=model, exact=True).click()
     page.get_by_label("Sampler").click()
     page.get_by_role("option", name="DDIM", exact=True).click()
+    page.get_by_text(str(STEP_RANGES["ddim"][2]), exact=True).first.wait_for(timeout=10_000)  # DDIM's slider is up
     page.get_by_role("slider").first.focus()
     page.keyboard.press("Home")
-    for _ in range(STEPS - 1):
+    for _ in range(STEPS - STEP_RANGES["ddim"][0]):
         page.keyboard.press("ArrowRight")
+    page.get_by_text(str(STEPS), exact=True).first.wait_for(timeout=10_000)
     for label, value in (("Images", 4), ("Seed", SEED)):
         field = page.get_by_role("spinbutton", name=label)
         field.fill(str(value))
         field.press("Enter")
     page.wait_for_timeout(800)
+
+
+def generate_alone(page, seed: int) -> float:
+    """Presses Generate on a prepared page for `seed`; the seconds until its grid shows."""
+    field = page.get_by_role("spinbutton", name="Seed")
+    field.fill(str(seed))
+    field.press("Enter")
+    page.wait_for_timeout(500)
+    pressed = time.perf_counter()
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.get_by_text(f"{STEPS} steps · seed {seed}").wait_for(timeout=120_000)
+    page.locator("[data-testid='stImage'] img").first.wait_for(state="visible", timeout=30_000)
+    return time.perf_counter() - pressed
 
 
 def main() -> None:
@@ -90,9 +106,9 @@ def main() -> None:
     with streamlit_app(env, with_process=True) as (url, server), chromium() as browser:
         single = browser.new_context().new_page()
         prepare(single, url, args.model)
-        generate_birds(single, steps=STEPS, seed=SEED, sampler="DDIM")  # warm-up, loads the model
-        solo_s = generate_birds(single, steps=STEPS, seed=SEED + 1, sampler="DDIM")
-        generate_birds(single, steps=STEPS, seed=SEED, sampler="DDIM")
+        generate_alone(single, SEED)  # warm-up, loads the model
+        solo_s = generate_alone(single, SEED + 1)
+        generate_alone(single, SEED)
         reference = grid_bytes(single)
         pages = [browser.new_context().new_page() for _ in range(args.users)]
         for page in pages:

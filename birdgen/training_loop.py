@@ -44,9 +44,9 @@ class TrainConfig:
     test_fraction: float = 0.2  # random split: share of images held out, 0-1
     # Network
     preset: str = "small"  # U-Net preset (see `birdgen presets`)
-    attention: bool | None = None  # None keeps the preset's; False removes it; True adds it at 8x8
-    dropout: float | None = None  # None keeps the preset's
-    channels: tuple[int, ...] | None = None  # feature channels per level; None keeps the preset's
+    attention: bool | None = None  # self-attention: unset keeps the preset's, false removes it, true adds it at 8x8
+    dropout: float | None = None  # dropout rate, 0-1; unset keeps the preset's
+    channels: tuple[int, ...] | None = None  # feature channels per level; unset keeps the preset's
     # Species (classifier-free guidance, Ho & Salimans 2022)
     conditional: bool = False  # condition the network on the species label
     label_dropout: float = 0.1  # share of labels replaced by "no species" during training
@@ -56,7 +56,7 @@ class TrainConfig:
     schedule: str = "cosine"  # noise schedule: "cosine" or "linear"
     noise_steps: int = 1000  # T, the number of training noise steps
     prediction: str = "epsilon"  # "epsilon" or "v"
-    min_snr_gamma: float | None = None  # e.g. 5.0 for min-SNR weighting
+    min_snr_gamma: float | None = None  # min-SNR loss weighting's gamma (Hang et al. 2023), e.g. 5; unset: plain MSE
     # Optimisation (the report's Table 1: batch 32, learning rate 3e-4)
     batch_size: int = 32  # global batch, split over all processes
     lr: float = 3e-4  # AdamW learning rate after warm-up
@@ -72,7 +72,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
     channels_last: bool = True  # NHWC memory layout (faster convolutions on CPUs and GPUs)
     compile: bool = False  # torch.compile the training step
-    sync_free: bool | None = None  # None: on for CUDA. Steps never wait for the host; see `train`
+    sync_free: bool | None = None  # steps that never wait for the host (skips decided on the GPU); unset: on for CUDA
     lr_reference_batch: int = 0  # >0: lr is for this batch size and scales by sqrt(batch_size / it)
     num_threads: int = 0  # CPU threads; 0 = all cores
     # Output

@@ -221,7 +221,7 @@ def species_section(model) -> str:
     return f"""## Species
 A class-conditional model with classifier-free guidance: it knows {len(model.species)} species (and "any
 species"). Ask for one by id or name, e.g.
-`birdgen sample --model THIS_FOLDER --species {model.species[0][0]} --guidance 3`.
+`birdgen sample --model THIS_FOLDER --species {model.species[0][0]} --guidance {model.resolve_guidance().species_weight:g}`.
 
 | id | species |
 |---|---|

@@ -1,10 +1,11 @@
 """The number format sampling runs in: float32, or bfloat16 autocast where the hardware has it.
 
 `BIRDGEN_PRECISION` (or the `setting` argument) is "auto", "fp32" or "bf16". On CUDA, auto is
-bf16 where the GPU supports it. On a CPU, auto stays float32: PyTorch's bf16 convolutions are
-several times slower than float32 on CPUs without native bf16 (AVX2 only), and on CPUs with it
-(`avx512_bf16` or `amx_bf16` among the flags) bf16's sample quality has not yet been measured
-against float32 at equal seeds (BENCHMARKS.md), so there it is offered, not chosen.
+bf16 where the GPU supports it. On a CPU, auto is bf16 only where the CPU has native bf16
+(`avx512_bf16` or `amx_bf16` among its flags): there bf16 convolutions are faster, while on
+AVX2-only CPUs PyTorch's bf16 is about 6× slower than float32 (BENCHMARKS.md, row 8). bf16's
+samples were measured against float32 from the same seeds and differ by less than two float32
+seeds do (BENCHMARKS.md, "bf16 sampling").
 """
 
 from __future__ import annotations
@@ -41,13 +42,9 @@ def sampling_autocast(device: torch.device, setting: str | None = None) -> torch
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if setting == "bf16" else None
+    return torch.bfloat16 if setting == "bf16" or cpu_has_native_bf16() else None
 
 
 def precision_text(device: torch.device, dtype: torch.dtype | None) -> str:
-    """'float32', 'bfloat16 autocast', or float32 with a hint where the CPU could do bf16."""
-    if dtype is not None:
-        return f"{str(dtype).removeprefix('torch.')} autocast"
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return f"float32 (this CPU has native bf16: {PRECISION_ENV}=bf16 tries it)"
-    return "float32"
+    """'float32' or 'bfloat16 autocast', for the app's model line."""
+    return f"{str(dtype).removeprefix('torch.')} autocast" if dtype is not None else "float32"

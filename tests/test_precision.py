@@ -19,13 +19,14 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_cpu_sampling_stays_float32_unless_bf16_is_asked_for(monkeypatch, native):
+def test_cpu_sampling_is_bf16_only_where_the_cpu_has_it_unless_forced(monkeypatch, native):
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512_bf16"} if native else {"avx2"})
     cpu = torch.device("cpu")
     monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
+    assert precision.sampling_autocast(cpu) is (torch.bfloat16 if native else None)
+    assert precision.precision_text(cpu, None) == "float32"
+    monkeypatch.setenv(precision.PRECISION_ENV, "fp32")
     assert precision.sampling_autocast(cpu) is None
-    hint = precision.precision_text(cpu, None)
-    assert (hint.startswith("float32 (this CPU has native bf16") if native else hint == "float32")
     monkeypatch.setenv(precision.PRECISION_ENV, "bf16")
     assert precision.sampling_autocast(cpu) is torch.bfloat16
     assert precision.precision_text(cpu, torch.bfloat16) == "bfloat16 autocast"

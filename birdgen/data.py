@@ -233,13 +233,18 @@ def split_record(crops: CubCrops, root: str | os.PathLike, crop: str, padding: f
             "train_on": train_on, "num_train": len(train), "train_ids_sha256": ids_digest(crops.image_ids[train])}
 
 
+def require_split_record(record, where: str) -> None:
+    """A one-line DatasetError when a model folder has no split record (`records.DataRecord`)."""
+    if not record:
+        raise DatasetError(f"{where}: the model folder does not record the crops it trained on (no 'data' in"
+                           " config.json; re-export it with `birdgen export`), so its held-out crops are unknown")
+
+
 def recover_split(record, crops: CubCrops, where: str) -> tuple[np.ndarray, np.ndarray]:
     """(training indices, held-out indices) of `crops` for a model's split record (a
     `records.DataRecord`); one-line errors when the record is missing or the dataset cannot give
     back the same split."""
-    if not record:
-        raise DatasetError(f"{where}: the model folder does not record the crops it trained on (no 'data' in"
-                           " config.json; re-export it with `birdgen export`), so its held-out crops are unknown")
+    require_split_record(record, where)
     if record.num_images != len(crops):
         raise DatasetError(f"{where}: the model trained on a dataset of {record.num_images} images; this one has"
                            f" {len(crops)}, so its split cannot be rebuilt (use the dataset it was trained on)")

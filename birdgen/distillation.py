@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .data import load_crops, recover_split
-from .guidance import GUIDE_WEIGHT_RANGE, GuidanceError, check_weight
+from .data import load_crops, recover_split, require_split_record
+from .guidance import GUIDE_WEIGHT_RANGE, GuidanceError, ResolvedGuidance, check_weight
 from .diffusion import DiffusionConfig, NoiseSchedule
 from .model_folder import BirdModel, ModelError, config_dict, load_model, save_model
 from .networks import UNet, UNetConfig, parameter_count
@@ -264,27 +264,31 @@ def distillation_step(state: DistillState, loss_fn: ProgressiveDistillationLoss,
     return True
 
 
-def teacher_guide(config: DistillConfig, teacher: BirdModel) -> tuple[torch.nn.Module | None, dict | None]:
-    """The network that autoguides the first round's targets and its record for run.json
-    ({"guide", "guide_weight", "guide_interval"}), or (None, None) when the targets are unguided."""
+def teacher_guide(config: DistillConfig, teacher: BirdModel) -> tuple[torch.nn.Module | None, ResolvedGuidance]:
+    """The network that autoguides the first round's targets (None: unguided) and the guidance
+    it runs with."""
     try:
         guidance = teacher.resolve_guidance(guide_weight=config.guide_weight)
     except GuidanceError as error:
         raise TrainingError(f"teacher {config.teacher}: {error}") from None
     if teacher.guide is None or guidance.guide_weight == 1:
-        return None, None
+        return None, guidance
     guide = teacher.guide.network.eval().requires_grad_(False)
     if config.channels_last:
         guide = guide.to(memory_format=torch.channels_last)
-    interval = list(guidance.interval) if guidance.interval else None
-    return guide, {"guide": str(teacher.guide.path), "guide_weight": guidance.guide_weight, "guide_interval": interval}
+    return guide, guidance
+
+
+def guide_record(teacher: BirdModel, guidance: ResolvedGuidance) -> dict:
+    """run.json's record of the guided teacher, for the student's distillation record."""
+    return {"guide": str(teacher.guide.path), "guide_weight": guidance.guide_weight,
+            "guide_interval": list(guidance.interval) if guidance.interval else None}
 
 
 def teacher_crops(config: DistillConfig, teacher: BirdModel, crops, device: torch.device) -> torch.Tensor:
     """The teacher's own training crops (its split record), uint8 NHWC on `device`."""
     if crops is None:
-        if teacher.data is None:  # recover_split below says why this cannot go on
-            recover_split(None, None, f"teacher {config.teacher}")
+        require_split_record(teacher.data, f"teacher {config.teacher}")
         crops = load_crops(config.data, teacher.data.image_size, teacher.data.crop, teacher.data.padding,
                            progress=config.progress)
     try:
@@ -311,7 +315,7 @@ def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False,
     autocast_dtype = resolve_precision(config, device)
     images = teacher_crops(config, teacher_model, crops, device)
     teacher = teacher_model.network.eval().requires_grad_(False)
-    guide, guide_record = teacher_guide(config, teacher_model)
+    guide, guidance = teacher_guide(config, teacher_model)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     if config.channels_last:
         teacher, student = (n.to(memory_format=torch.channels_last) for n in (teacher, student))
@@ -325,7 +329,7 @@ def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False,
     folder.start(config, state.step, machine, lambda: {
         "kind": "distillation", "parameters": parameter_count(student), "teacher": str(config.teacher),
         "teacher_training": record_dict(teacher_model.training), "data": record_dict(teacher_model.data),
-        "teacher_distillation": record_dict(teacher_model.distillation), "teacher_guidance": guide_record,
+        "teacher_distillation": record_dict(teacher_model.distillation), "teacher_guidance": guide_record(teacher_model, guidance) if guide is not None else None,
         "train_images": len(images),
         **config_dict(teacher_model.network_config, teacher_model.diffusion_config)})
     print(f"Distilling {config.teacher} ({parameter_count(student):,} parameters): DDIM {config.teacher_steps} ->"
@@ -347,7 +351,7 @@ def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False,
                 # only the first round's teacher is the guided model; later ones are its students
                 loss_fn = ProgressiveDistillationLoss(schedule, config.student_steps(state.round), autocast_dtype,
                                                       device, guide if state.round == 0 else None,
-                                                      *guidance_of(guide_record))
+                                                      guidance.guide_weight, guidance.interval)
             started = time.perf_counter()
             if not distillation_step(state, loss_fn, images, config):
                 continue
@@ -373,13 +377,6 @@ def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False,
         folder.close()
         stop.release()
     return folder.checkpoints.latest()
-
-
-def guidance_of(record: dict | None) -> tuple[float, tuple[int, int] | None]:
-    """(guide weight, interval) of a run.json guidance record; (1, None) when unguided."""
-    if record is None:
-        return 1.0, None
-    return record["guide_weight"], tuple(record["guide_interval"]) if record["guide_interval"] else None
 
 
 def student_file(run_dir: Path, steps: int) -> Path:
@@ -422,8 +419,9 @@ def export_student(run_dir: str | os.PathLike, out: str | os.PathLike, steps: in
                                       config.batch_size, config.lr, done_steps * config.batch_size, run.get("machine"),
                                       round(seconds / 3600, 2))
     if run.get("teacher_guidance"):
-        distillation = replace(distillation, **{k: tuple(v) if isinstance(v, list) else v
-                                                for k, v in run["teacher_guidance"].items()})
+        guided = run["teacher_guidance"]
+        distillation = replace(distillation, guide=guided["guide"], guide_weight=guided["guide_weight"],
+                               guide_interval=tuple(guided["guide_interval"]) if guided["guide_interval"] else None)
     if run.get("teacher_distillation"):  # the teacher was a student: name the model at the root of the chain
         earlier = DistillationRecord.from_dict(run["teacher_distillation"])
         distillation = replace(distillation, teacher=earlier.teacher, distilled_teacher=run["teacher"],

@@ -23,7 +23,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from .data import CubCrops, cache_dir, recover_split, to_uint8
+from .data import CubCrops, cache_dir, recover_split, require_split_record, to_uint8
 from .features import FEATURE_LABELS
 from .model_folder import METRICS_FILE, BirdModel, atomic_write_text, read_metrics_file
 from .pipeline import GenerationRequest, generate, model_sampling
@@ -448,8 +448,7 @@ def run_evaluation(model: BirdModel, data_root: str | os.PathLike, settings: Eva
         notify(note)
     extractor = load_extractor(feature_space, inception_weights)
     where = str(model.path or model.name)
-    if model.data is None:  # recover_split says why there is nothing to compare with
-        recover_split(None, None, where)
+    require_split_record(model.data, where)
     crops = load_crops(data_root, model.network_config.image_size, model.data.crop, model.data.padding, progress=False)
     recover_split(model.data, crops, where)  # a wrong dataset fails before generating
     return evaluate(model, crops, settings, extractor, extractor.identity, feature_space, progress)

@@ -10,6 +10,7 @@ seeds do (BENCHMARKS.md, "bf16 sampling").
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -29,8 +30,14 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+@functools.cache
+def machine_cpu_flags() -> frozenset[str]:
+    """This machine's CPU flags, read once: sampling asks on every generation."""
+    return frozenset(cpu_flags())
+
+
 def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
-    return bool(set(NATIVE_BF16_FLAGS) & (cpu_flags() if flags is None else flags))
+    return bool(set(NATIVE_BF16_FLAGS) & (machine_cpu_flags() if flags is None else flags))
 
 
 def sampling_autocast(device: torch.device, setting: str | None = None) -> torch.dtype | None:

@@ -20,7 +20,7 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_cpu_sampling_is_bf16_only_where_the_cpu_has_it_unless_forced(monkeypatch, native):
-    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512_bf16"} if native else {"avx2"})
+    monkeypatch.setattr(precision, "machine_cpu_flags", lambda: {"avx2", "avx512_bf16"} if native else {"avx2"})
     cpu = torch.device("cpu")
     monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
     assert precision.sampling_autocast(cpu) is (torch.bfloat16 if native else None)

@@ -21,7 +21,7 @@ import json
 
 import torch
 
-from common import REAL_CUB, REPO, machine, score_samples, stored_results
+from common import REAL_CUB, REPO, load_guide, load_guide_name, machine, score_samples, stored_results
 from birdgen.model_folder import check_guide, load_model
 from birdgen.data import load_crops, recover_split
 from birdgen.evaluation import EvalSettings, real_features
@@ -160,34 +160,6 @@ def same_noise_picture(folder: str, out: str, count: int = 8, rows: int = 2) -> 
                   generate(model, request).images]
     save_grid(torch.cat(grids), out, columns=count)
     print(f"wrote {out}: rows alternate unguided / guided ({model.resolve_guidance().describe(False, model.guide.name)})")
-
-
-def load_guide_name(spec: str) -> str:
-    """A guide's row name: its folder's name, or RUN@STEP for a run's checkpoint."""
-    from pathlib import Path
-
-    if "@" in spec:
-        run, step = spec.rsplit("@", 1)
-        return f"{Path(run).name}@{step}"
-    return Path(spec).name
-
-
-def load_guide(spec: str):
-    """A guide model folder, or RUN@STEP: the EMA weights of a training run's checkpoint at that step
-    (written to a temporary model folder without a card, to compare checkpoints quickly)."""
-    import tempfile
-    from pathlib import Path
-
-    from birdgen.training_loop import export_run
-
-    if "@" not in spec:
-        return load_model(REPO / spec, guide="none")
-    run, step = spec.rsplit("@", 1)
-    folder = Path(tempfile.mkdtemp()) / load_guide_name(spec)
-    export_run(REPO / run, folder, half=True, step=int(step))
-    guide = load_model(folder, guide="none")
-    guide.path = folder
-    return guide
 
 
 if __name__ == "__main__":

@@ -112,3 +112,29 @@ def score_samples(model, settings, reference, extractor) -> dict:
 def stored_results(path: Path) -> dict:
     """A benchmark's results file, or {} before its first run."""
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_guide_name(spec: str) -> str:
+    """A guide's row name: its folder's name, or RUN@STEP for a run's checkpoint."""
+    if "@" in spec:
+        run, step = spec.rsplit("@", 1)
+        return f"{Path(run).name}@{step}"
+    return Path(spec).name
+
+
+def load_guide(spec: str):
+    """A guide model folder, or RUN@STEP: the EMA weights of a training run's checkpoint at that step
+    (written to a temporary model folder without a card, to compare checkpoints quickly)."""
+    import tempfile
+
+    from birdgen.model_folder import load_model
+    from birdgen.training_loop import export_run
+
+    if "@" not in spec:
+        return load_model(REPO / spec, guide="none")
+    run, step = spec.rsplit("@", 1)
+    folder = Path(tempfile.mkdtemp()) / load_guide_name(spec)
+    export_run(REPO / run, folder, half=True, step=int(step))
+    guide = load_model(folder, guide="none")
+    guide.path = folder
+    return guide

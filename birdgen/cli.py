@@ -188,6 +188,9 @@ def add_model_folder_parsers(commands) -> None:
                                                   " run's target; every round's student is kept)")
     export.add_argument("--checkpoint-step", type=int, metavar="STEP",
                         help="training runs: export the checkpoint of this step (default: the latest)")
+    export.add_argument("--raw-weights", action="store_true",
+                        help="training runs: export the optimizer's own weights instead of their EMA (an"
+                             " autoguidance guide guides better without the averaging; default: EMA)")
     export.add_argument("--guide", metavar="FOLDER", help="name this guide model in the folder's config, so that"
                         " sampling autoguides by default (default: keep the link the folder already has)")
     export.add_argument("--guide-weight", type=float, metavar="W",
@@ -536,6 +539,8 @@ def cmd_export(args) -> int:
 
     run_info = Path(args.run) / "run.json"
     if run_info.is_file() and json.loads(run_info.read_text()).get("kind") == "distillation":
+        if args.raw_weights:
+            raise TrainingError(f"{args.run}: --raw-weights applies to training runs, not to a distillation run")
         folder = export_student_with_card(args.run, args.to, args.steps, half=not args.fp32)
     elif args.steps is not None:
         raise TrainingError(f"{args.run}: --steps picks a student of a distillation run; this is a training run")
@@ -544,7 +549,7 @@ def cmd_export(args) -> int:
             (Path(args.run) / "config.json").read_text())).noise_steps) if args.guide_interval else None
         folder = export_with_card(args.run, args.to, half=not args.fp32, heldout_batches=args.heldout_batches,
                                   guide=args.guide, guide_weight=args.guide_weight, interval=interval,
-                                  step=args.checkpoint_step, guides=args.guides)
+                                  step=args.checkpoint_step, guides=args.guides, averaged=not args.raw_weights)
     print(f"Wrote model folder {folder}")
     return 0
 

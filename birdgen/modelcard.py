@@ -118,20 +118,31 @@ def update_card_section(folder: Path, heading: str, section: str) -> None:
     atomic_write_text(path, card)
 
 
+def export_note(run_dir: Path, step: int | None, averaged: bool) -> str:
+    """The card's line on which weights of the run were exported, when not the default (the latest EMA)."""
+    if step is None and averaged:
+        return ""
+    flags = (f" --checkpoint-step {step}" if step is not None else "") + ("" if averaged else " --raw-weights")
+    which = "the training weights (not their EMA)" if not averaged else "the EMA weights"
+    of = f"the checkpoint of step {step:,}, not the run's last" if step is not None else "the run's last checkpoint"
+    return f"\nThese weights are {which} of {of} (`birdgen export {run_dir}{flags}`).\n"
+
+
 def export_with_card(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = True,
                      heldout_batches: int = 4, guide: str | None = None, guide_weight: float | None = None,
                      interval: tuple[int, int] | None = None, step: int | None = None,
-                     guides: str | None = None) -> Path:
+                     guides: str | None = None, averaged: bool = True) -> Path:
     """`birdgen export` for a training run. `guide`…: the autoguidance to name in the folder's
     config (else the link it already has is kept); `step`: a checkpoint other than the latest;
-    `guides`: this model is the guide of that model (its card says so)."""
+    `guides`: this model is the guide of that model (its card says so); `averaged`: the EMA
+    weights, else the optimizer's own."""
     run_dir, out = Path(run_dir), Path(out)
     config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     crops = load_crops(config.data, config.image_size, config.crop, config.padding, progress=False)
     guidance = guidance_record_for_export(out, guide, guide_weight, interval)
     export_run(run_dir, out, half=half, data=split_record(crops, config.data, config.crop, config.padding, config.split,
                                                            config.seed, config.test_fraction, config.train_on),
-               guidance=guidance, step=step)
+               guidance=guidance, step=step, averaged=averaged)
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     model = load_model(out)
 
@@ -170,14 +181,14 @@ CUB-200-2011 crops ({config.crop} crops around the bounding box, {config.padding
 | training | {trained.steps:,} steps of batch {config.batch_size} = {trained.images_seen:,} images seen, AdamW lr {config.lr:g}, EMA {config.ema_decay} |
 | wall time | {trained.train_hours:.2f} h of training steps on {'; '.join([run.get('machine', 'unknown hardware'), *run.get('also_trained_on', [])])} |
 | final training loss | {final_loss:.4f} (mean of the last {min(10, len(records))} logged intervals) |
-| weights | EMA, {'float16 (loaded as float32)' if half else 'float32'} |
+| weights | {'EMA' if averaged else 'the training weights (no EMA)'}, {'float16 (loaded as float32)' if half else 'float32'} |
 
 Training command (settings in `config.json` of the run):
 
 ```
 birdgen train --out {run_dir} {command_flags(config)}
 ```
-{f"{chr(10)}These weights are the checkpoint of step {step:,} (`birdgen export {run_dir} --checkpoint-step {step}`), not the run's last.{chr(10)}" if step is not None else ""}
+{export_note(run_dir, step, averaged)}
 ## Held-out denoising loss
 {heldout_text}
 

@@ -559,16 +559,18 @@ def initialise_from(model: UNet, folder: str, diffusion_config: DiffusionConfig)
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = True, card: str | None = None,
-               data: dict | None = None, guidance: dict | None = None, step: int | None = None) -> Path:
-    """Writes the EMA weights of the latest checkpoint (or of the one at `step`) as a model folder
-    (with `data`, the split record, and `guidance`, the guidance record)."""
+               data: dict | None = None, guidance: dict | None = None, step: int | None = None,
+               averaged: bool = True) -> Path:
+    """Writes the EMA weights (`averaged`; else the optimizer's own weights) of the latest checkpoint
+    (or of the one at `step`) as a model folder (with `data`, the split record, and `guidance`, the
+    guidance record)."""
     folder = RunFolder(run_dir, 1, set())
     checkpoint = folder.checkpoints.at_step(step)
     config = TrainConfig.from_dict(folder.config_values(), str(folder.path / "config.json"))
     species = folder.info().get("species") or []
     network_config = dataclasses.replace(config.network_config(), num_classes=len(species))
     network = UNet(network_config)
-    network.load_state_dict(load_file(str(checkpoint / "ema.safetensors")))
+    network.load_state_dict(load_file(str(checkpoint / ("ema.safetensors" if averaged else "model.safetensors"))))
     state = read_state(checkpoint)
     training = {"steps": state["step"], "images_seen": state["images_seen"],
                 "train_hours": round(state["train_seconds"] / 3600, 2)}

@@ -225,6 +225,8 @@ def test_cli_distill_export_and_sample(tiny_cub, tmp_path, capsys):
     assert main(["distill", "--out", str(run), "--teacher", str(teacher), "--data", str(tiny_cub), "--teacher-steps",
                  "4", "--steps-target", "2", "--round-steps", "2", "--batch-size", "4", "--sample-count", "2",
                  "--log-every", "1", "--no-progress", "--num-threads", "1"]) == 0
+    assert main(["export", str(run), "--to", str(out), "--raw-weights"]) == 2
+    assert "--raw-weights applies to training runs, not to a distillation run" in capsys.readouterr().err
     assert main(["export", str(run), "--to", str(out)]) == 0
     card = (out / "README.md").read_text()
     assert "2 deterministic DDIM steps" in card and "progressive distillation" in card

@@ -227,6 +227,26 @@ def test_export_writes_a_loadable_model_with_an_honest_card(tiny_cub, tmp_path):
     assert (tmp_path / "model" / "samples.png").is_file() and (tmp_path / "model" / "loss.png").is_file()
 
 
+def test_export_raw_weights_takes_the_optimizers_weights_and_says_so(tiny_cub, tmp_path):
+    from birdgen.model_folder import load_model
+    from birdgen.cli import main
+
+    run = tmp_path / "run"
+    train(config(tiny_cub, steps=4, sample_count=4, checkpoint_every=2), run)
+    assert main(["export", str(run), "--to", str(tmp_path / "raw"), "--heldout-batches", "1", "--fp32",
+                 "--raw-weights", "--checkpoint-step", "2"]) == 0
+    assert main(["export", str(run), "--to", str(tmp_path / "ema"), "--heldout-batches", "1", "--fp32"]) == 0
+    checkpoint = run / "checkpoints" / "step-0000002"
+    raw = load_model(tmp_path / "raw").network.state_dict()
+    assert all(torch.equal(raw[k], v) for k, v in weights(checkpoint / "model.safetensors").items())
+    assert not all(torch.equal(raw[k], v) for k, v in weights(checkpoint / "ema.safetensors").items())
+    assert load_model(tmp_path / "raw").training.steps == 2
+    card = (tmp_path / "raw" / "README.md").read_text()
+    assert "| weights | the training weights (no EMA), float32 |" in card
+    assert f"`birdgen export {run} --checkpoint-step 2 --raw-weights`" in card
+    assert "| weights | EMA, float32 |" in (tmp_path / "ema" / "README.md").read_text()
+
+
 def test_tensorboard_logging(tiny_cub, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -7,8 +7,8 @@ evaluations and seconds.
     python benchmarks/autoguidance.py --model models/small-attn --guide models/small-attn-guide \
         --weights 1.5 2 2.5 3 --intervals all 200,999 --steps 10 20 --num-samples 500
 
-    # which of a guide run's checkpoints guides best (export them first, e.g. to /tmp/guide-N)
-    python benchmarks/autoguidance.py --guide /tmp/guide-2000 /tmp/guide-3000 --weights 2 --steps 10
+    # which of a guide run's checkpoints guides best: RUN@STEP its EMA weights, RUN@STEP:raw its training weights
+    python benchmarks/autoguidance.py --guide runs/guide@2000 runs/guide@3000 runs/guide@3000:raw --weights 2.5 --steps 10
 
 Rows go to benchmarks/results/autoguidance.json as soon as each is done (settings already there
 are skipped, so a stopped run can be rerun); `--plot-only` redraws the plot and prints the table.

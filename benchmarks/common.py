@@ -115,7 +115,7 @@ def stored_results(path: Path) -> dict:
 
 
 def load_guide_name(spec: str) -> str:
-    """A guide's row name: its folder's name, or RUN@STEP for a run's checkpoint."""
+    """A guide's row name: its folder's name, or RUN@STEP[:raw] for a run's checkpoint."""
     if "@" in spec:
         run, step = spec.rsplit("@", 1)
         return f"{Path(run).name}@{step}"
@@ -124,7 +124,8 @@ def load_guide_name(spec: str) -> str:
 
 def load_guide(spec: str):
     """A guide model folder, or RUN@STEP: the EMA weights of a training run's checkpoint at that step
-    (written to a temporary model folder without a card, to compare checkpoints quickly)."""
+    (RUN@STEP:raw: its training weights, as `birdgen export --raw-weights` writes them), written to a
+    temporary model folder without a card, to compare checkpoints quickly."""
     import tempfile
 
     from birdgen.model_folder import load_model
@@ -134,7 +135,7 @@ def load_guide(spec: str):
         return load_model(REPO / spec, guide="none")
     run, step = spec.rsplit("@", 1)
     folder = Path(tempfile.mkdtemp()) / load_guide_name(spec)
-    export_run(REPO / run, folder, half=True, step=int(step))
+    export_run(REPO / run, folder, half=True, step=int(step.removesuffix(":raw")), averaged=not step.endswith(":raw"))
     guide = load_model(folder, guide="none")
     guide.path = folder
     return guide

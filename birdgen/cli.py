@@ -96,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
             "smaller and much shorter, on the same split, e.g. for models/small-attn\n"
             "  birdgen train --out runs/guide --data DIR --split random --test-fraction 0.1 --preset small-attn\n"
             "      --channels 32,64,64 --prediction v --min-snr-gamma 5 --lr 5e-4 --steps 4000\n"
-            "  birdgen export runs/guide --to models/small-attn-guide --guides small-attn\n"
+            "  birdgen export runs/guide --to models/small-attn-guide --guides small-attn --raw-weights\n"
             "  birdgen set-guide --model models/small-attn --guide models/small-attn-guide --guide-weight 2\n"
             "      --guide-interval 200,999\n"
+            "(--raw-weights: the un-averaged weights guide better than the EMA; compare a few checkpoints.)\n"
             "It must share the model's schedule, prediction target, image size (and species); see the README."))
     trainer.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
     trainer.add_argument("--config", help="YAML or JSON file of settings; flags override it")

@@ -40,30 +40,37 @@ def plot_loss(records: list[dict], path: Path) -> None:
 
 def guidance_record_for_export(out: Path, guide: str | None, guide_weight: float | None,
                                interval: tuple[int, int] | None) -> dict | None:
-    """The guidance record a model folder gets: one naming `guide` (its path relative to the
-    folder), else the record the folder already has, so that re-exporting keeps the link."""
+    """The guidance record a model folder gets: the record it already has (so that re-exporting keeps
+    the link and the species weight), with the link to `guide` (its path relative to the folder),
+    its weight and interval in place of the old link's where a guide is given."""
     out = Path(out)
+    existing = read_config(out)[2].get("guidance") if (out / "config.json").is_file() else None
+    kept = existing.to_dict() if existing else {}
     if guide is None:
-        if not (out / "config.json").is_file():
-            return None
-        existing = read_config(out)[2].get("guidance")
-        return existing.to_dict() if existing else None
-    record = GuidanceRecord(os.path.relpath(Path(guide).resolve(), out.resolve()),
-                            GUIDE_WEIGHT if guide_weight is None else guide_weight, interval=interval)
-    return record.to_dict()
+        return kept or None
+    link = GuidanceRecord(os.path.relpath(Path(guide).resolve(), out.resolve()),
+                          GUIDE_WEIGHT if guide_weight is None else guide_weight, interval=interval).to_dict()
+    without_link = {key: value for key, value in kept.items() if key not in GUIDE_LINK}
+    return {**without_link, **{key: value for key, value in link.items() if key in GUIDE_LINK}}
+
+
+GUIDE_LINK = ("guide", "guide_weight", "interval")  # what naming or removing a guide sets; species_weight stays
 
 
 def set_guide(folder: str | os.PathLike, guide: str, guide_weight: float | None = None,
               interval: tuple[int, int] | None = None) -> Path:
     """Names `guide` as the default autoguidance of the model folder (config.json and card),
-    after checking that it can guide it; `guide` "none" removes the link."""
+    after checking that it can guide it; `guide` "none" removes the link (the guide, its weight
+    and interval; a species model keeps its species weight)."""
     folder = Path(folder)
     raw = json.loads((folder / "config.json").read_text())
     if guide == NO_GUIDE:
+        kept = {key: value for key, value in raw.get("guidance", {}).items() if key not in GUIDE_LINK}
         raw.pop("guidance", None)
+        if kept:
+            raw["guidance"] = kept
     else:
-        record = guidance_record_for_export(folder, guide, guide_weight, interval)
-        raw["guidance"] = {**raw.get("guidance", {}), **record}
+        raw["guidance"] = guidance_record_for_export(folder, guide, guide_weight, interval)
     atomic_write_text(folder / "config.json", json.dumps(raw, indent=2) + "\n")
     load_model(folder)  # a guide that cannot guide fails here, naming the problem
     update_card_section(folder, AUTOGUIDANCE_HEADING, guidance_section(load_model(folder)))

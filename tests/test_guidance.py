@@ -151,6 +151,21 @@ def test_the_cli_uses_the_guide_by_default_and_can_turn_it_off(pair, capsys):
     assert "guide weight 7.0 out of range [0, 5]" in capsys.readouterr().err
 
 
+def test_set_guide_replaces_the_link_and_keeps_the_species_weight(pair, capsys):
+    config = pair / "main" / "config.json"
+    raw = json.loads(config.read_text())
+    raw["guidance"]["species_weight"] = 5.0
+    config.write_text(json.dumps(raw))
+    assert main(["set-guide", "--model", str(pair / "main"), "--guide", str(pair / "guide"),
+                 "--guide-weight", "1.5"]) == 0
+    assert json.loads(config.read_text())["guidance"] == {"species_weight": 5.0, "guide": "../guide",
+                                                          "guide_weight": 1.5}
+    assert "w = 1.5 at every step" in (pair / "main" / "README.md").read_text()
+    assert main(["set-guide", "--model", str(pair / "main"), "--guide", "none"]) == 0
+    assert json.loads(config.read_text())["guidance"] == {"species_weight": 5.0}
+    assert load_model(pair / "main").guide is None
+
+
 def test_export_writes_and_keeps_the_guide_link(pair, tmp_path):
     from birdgen.modelcard import guidance_record_for_export
 

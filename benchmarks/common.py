@@ -134,8 +134,9 @@ def load_guide(spec: str):
     if "@" not in spec:
         return load_model(REPO / spec, guide="none")
     run, step = spec.rsplit("@", 1)
+    step, _, raw = step.partition(":")
     folder = Path(tempfile.mkdtemp()) / load_guide_name(spec)
-    export_run(REPO / run, folder, half=True, step=int(step.removesuffix(":raw")), averaged=not step.endswith(":raw"))
+    export_run(REPO / run, folder, half=True, step=int(step), averaged=raw != "raw")
     guide = load_model(folder, guide="none")
     guide.path = folder
     return guide

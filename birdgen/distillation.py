@@ -329,7 +329,8 @@ def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False,
     folder.start(config, state.step, machine, lambda: {
         "kind": "distillation", "parameters": parameter_count(student), "teacher": str(config.teacher),
         "teacher_training": record_dict(teacher_model.training), "data": record_dict(teacher_model.data),
-        "teacher_distillation": record_dict(teacher_model.distillation), "teacher_guidance": guide_record(teacher_model, guidance) if guide is not None else None,
+        "teacher_distillation": record_dict(teacher_model.distillation),
+        "teacher_guidance": guide_record(teacher_model, guidance) if guide is not None else None,
         "train_images": len(images),
         **config_dict(teacher_model.network_config, teacher_model.diffusion_config)})
     print(f"Distilling {config.teacher} ({parameter_count(student):,} parameters): DDIM {config.teacher_steps} ->"

@@ -38,6 +38,13 @@ def plot_loss(records: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+GUIDE_LINK = ("guide", "guide_weight", "interval")  # what naming or removing a guide sets; species_weight stays
+
+
+def without_guide_link(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key not in GUIDE_LINK}
+
+
 def guidance_record_for_export(out: Path, guide: str | None, guide_weight: float | None,
                                interval: tuple[int, int] | None) -> dict | None:
     """The guidance record a model folder gets: the record it already has (so that re-exporting keeps
@@ -50,11 +57,7 @@ def guidance_record_for_export(out: Path, guide: str | None, guide_weight: float
         return kept or None
     link = GuidanceRecord(os.path.relpath(Path(guide).resolve(), out.resolve()),
                           GUIDE_WEIGHT if guide_weight is None else guide_weight, interval=interval).to_dict()
-    without_link = {key: value for key, value in kept.items() if key not in GUIDE_LINK}
-    return {**without_link, **{key: value for key, value in link.items() if key in GUIDE_LINK}}
-
-
-GUIDE_LINK = ("guide", "guide_weight", "interval")  # what naming or removing a guide sets; species_weight stays
+    return {**without_guide_link(kept), **{key: link[key] for key in GUIDE_LINK if key in link}}
 
 
 def set_guide(folder: str | os.PathLike, guide: str, guide_weight: float | None = None,
@@ -65,8 +68,7 @@ def set_guide(folder: str | os.PathLike, guide: str, guide_weight: float | None 
     folder = Path(folder)
     raw = json.loads((folder / "config.json").read_text())
     if guide == NO_GUIDE:
-        kept = {key: value for key, value in raw.get("guidance", {}).items() if key not in GUIDE_LINK}
-        raw.pop("guidance", None)
+        kept = without_guide_link(raw.pop("guidance", {}))
         if kept:
             raw["guidance"] = kept
     else:

@@ -52,6 +52,6 @@ def sampling_autocast(device: torch.device, setting: str | None = None) -> torch
     return torch.bfloat16 if setting == "bf16" or cpu_has_native_bf16() else None
 
 
-def precision_text(device: torch.device, dtype: torch.dtype | None) -> str:
+def precision_text(dtype: torch.dtype | None) -> str:
     """'float32' or 'bfloat16 autocast', for the app's model line."""
     return f"{str(dtype).removeprefix('torch.')} autocast" if dtype is not None else "float32"

@@ -351,7 +351,7 @@ def describe(model: BirdModel) -> str:
     from .precision import precision_text
 
     return (f"{model.parameter_count:,} parameters{trained} · {machine_description(model.device)} ·"
-            f" {precision_text(model.device, model.autocast_dtype)}")
+            f" {precision_text(model.autocast_dtype)}")
 
 
 def unequal_training(first: BirdModel, second: BirdModel, tolerance: float = 0.1) -> str | None:

@@ -24,12 +24,12 @@ def test_cpu_sampling_is_bf16_only_where_the_cpu_has_it_unless_forced(monkeypatc
     cpu = torch.device("cpu")
     monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
     assert precision.sampling_autocast(cpu) is (torch.bfloat16 if native else None)
-    assert precision.precision_text(cpu, None) == "float32"
+    assert precision.precision_text(None) == "float32"
     monkeypatch.setenv(precision.PRECISION_ENV, "fp32")
     assert precision.sampling_autocast(cpu) is None
     monkeypatch.setenv(precision.PRECISION_ENV, "bf16")
     assert precision.sampling_autocast(cpu) is torch.bfloat16
-    assert precision.precision_text(cpu, torch.bfloat16) == "bfloat16 autocast"
+    assert precision.precision_text(torch.bfloat16) == "bfloat16 autocast"
     monkeypatch.setenv(precision.PRECISION_ENV, "half")
     with pytest.raises(ValueError, match="BIRDGEN_PRECISION='half': choose one of auto, fp32, bf16"):
         precision.sampling_autocast(cpu)

@@ -323,12 +323,17 @@ def update_card_quality(folder: Path) -> None:
 
 
 def guided_teacher_row(record: DistillationRecord) -> str:
-    """The card row saying that the teacher's targets were autoguided, or nothing."""
-    if record.guide is None:
+    """The card row saying that the root teacher's targets were autoguided, or nothing; a student
+    of a student learned the guided sampler through its earlier stage."""
+    stage = record
+    while stage is not None and stage.guide is None:
+        stage = stage.earlier
+    if stage is None:
         return ""
-    where = f"t {record.guide_interval[0]}–{record.guide_interval[1]}" if record.guide_interval else "every step"
-    return (f"| guided teacher | the first round's targets are the teacher autoguided by `{record.guide}` with w"
-            f" {record.guide_weight:g} ({where}), so the student learns the guided sampler |\n")
+    where = f"t {stage.guide_interval[0]}–{stage.guide_interval[1]}" if stage.guide_interval else "every step"
+    whose = "the first round's" if stage is record else "the earlier stage's first round's"
+    return (f"| guided teacher | {whose} targets are `{stage.teacher}` autoguided by `{stage.guide}` with w"
+            f" {stage.guide_weight:g} ({where}), so the student learns the guided sampler |\n")
 
 
 def earlier_rows(record: DistillationRecord) -> str:

@@ -248,4 +248,19 @@ def test_a_student_of_a_student_names_the_root_teacher(tiny_cub, tmp_path):
     record = final.distillation
     assert record.teacher == str(teacher) and record.distilled_teacher == str(middle)
     assert record.earlier.teacher_steps == 8 and record.images_seen_total == 2 * 2 * 4
-    assert "| earlier stage |" in (tmp_path / "student2" / "README.md").read_text()
+    card = (tmp_path / "student2" / "README.md").read_text()
+    assert "| earlier stage |" in card and "| guided teacher |" not in card
+
+
+def test_a_student_of_a_guided_student_says_where_the_guide_ran(tiny_cub, tmp_path):
+    teacher = make_teacher(tmp_path / "teacher", tiny_cub)
+    guide = randomised(build_model(TINY, DIFFUSION), 1)
+    save_model(tmp_path / "guide", guide.network, TINY, DIFFUSION, data=load_model(teacher).data)
+    distill(settings(teacher, tiny_cub, steps_target=4, round_steps=2, guide=str(tmp_path / "guide"),
+                     guide_weight=2.0), tmp_path / "first")
+    middle = export_student(tmp_path / "first", tmp_path / "student4")
+    distill(settings(middle, tiny_cub, teacher_steps=4, steps_target=2, round_steps=2), tmp_path / "second")
+    final = load_model(export_student_with_card(tmp_path / "second", tmp_path / "student2"))
+    assert final.distillation.guide is None and final.distillation.earlier.guide == str(tmp_path / "guide")
+    card = (tmp_path / "student2" / "README.md").read_text()
+    assert f"| guided teacher | the earlier stage's first round's targets are `{teacher}` autoguided by" in card

@@ -1,5 +1,5 @@
 """Shared fixtures: a small CUB-format dataset built on the fly, the real partial copy when
-present, and an isolated cache folder for every test."""
+present, an isolated cache folder and float32 sampling for every test."""
 
 from __future__ import annotations
 
@@ -21,6 +21,14 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("BIRDGEN_CACHE_DIR", str(cache))
     return cache
+
+
+@pytest.fixture(autouse=True)
+def float32_sampling(monkeypatch):
+    """Sampling precision follows the machine (bf16 autocast where the CPU has avx512_bf16), and
+    the tests compare outputs with float32 arithmetic, so they pin float32 on every machine;
+    test_precision.py sets the precision itself to test the decision and the bf16 path."""
+    monkeypatch.setenv("BIRDGEN_PRECISION", "fp32")
 
 
 @pytest.fixture

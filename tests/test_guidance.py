@@ -2,6 +2,7 @@
 cannot guide, a model folder naming its guide, and the CLI."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +85,7 @@ def test_the_interval_limits_species_guidance_too(tmp_path):
 def test_a_config_names_its_guide_and_none_turns_it_off(pair):
     model = load_model(pair / "main")
     assert model.guide is not None and model.guide.name == "guide"
+    assert Path(model.guide.path) == pair / "guide"  # "main/../guide" is named by where it is
     assert model.resolve_guidance().guide_weight == 2.0 and model.resolve_guidance().interval == (40, 60)
     assert load_model(pair / "main", guide="none").guide is None
     request = GenerationRequest("ddim", 4, 2, seed=3)

@@ -6,7 +6,9 @@ bf16 autocast (channels_last, as the app runs) alternated in this process, media
 ratio. Quality: FD/KID/precision/recall of `--num-samples` birds in MobileNet features against
 the held-out crops, float32 with seed A and seed B (the noise between two float32 runs), and
 bf16 with seed A; bf16 passes where each of its differences from float32 at seed A is within
-the float32 seed-to-seed difference. Names the CPU's bf16 flags, since the answer depends on them.
+the float32 seed-to-seed difference. Names the CPU's bf16 flags, since the answer depends on them,
+and keeps one speed record per kind of CPU (with and without native bf16) in the results file;
+`--speed-only` updates this CPU's and keeps the quality record.
 
     python benchmarks/bf16_sampling.py --num-samples 1000
 """
@@ -14,32 +16,19 @@ the float32 seed-to-seed difference. Names the CPU's bf16 flags, since the answe
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
-from common import REAL_CUB, REPO, alternate, machine, save, score_samples
+from common import REAL_CUB, REPO, alternate, machine, save, score_samples, stored_results, with_precision
 from birdgen.data import load_crops, recover_split
 from birdgen.evaluation import EvalSettings, real_features
 from birdgen.features import choose_feature_space, load_extractor
 from birdgen.model_folder import load_model
 from birdgen.pipeline import DEFAULT_SAMPLING, GenerationRequest, generate
-from birdgen.precision import NATIVE_BF16_FLAGS, PRECISION_ENV, cpu_flags
+from birdgen.precision import NATIVE_BF16_FLAGS, cpu_flags
 
 METRICS = ("fd", "kid", "precision", "recall")
-
-
-def with_precision(setting: str, work):
-    """Runs `work()` with BIRDGEN_PRECISION set to `setting` (the model reads it per generation)."""
-    previous = os.environ.get(PRECISION_ENV)
-    os.environ[PRECISION_ENV] = setting
-    try:
-        return work()
-    finally:
-        if previous is None:
-            os.environ.pop(PRECISION_ENV)
-        else:
-            os.environ[PRECISION_ENV] = previous
+RESULTS = REPO / "benchmarks" / "results" / "bf16_sampling.json"
 
 
 def forward_speed(model, rounds: int) -> dict:
@@ -76,12 +65,17 @@ def main() -> None:
     parser.add_argument("--speed-only", action="store_true")
     args = parser.parse_args()
     flags = cpu_flags()
-    record = {"machine": machine(), "cpu_bf16_flags": sorted(set(NATIVE_BF16_FLAGS) & flags) or "none",
-              "avx512f": "avx512f" in flags, "model": args.model}
+    native = sorted(set(NATIVE_BF16_FLAGS) & flags)
+    record = stored_results(RESULTS)
+    if record.get("model") != args.model:
+        record = {"model": args.model, "speed": {}}
+    speed = {"machine": machine(), "cpu_bf16_flags": native or "none", "avx512f": "avx512f" in flags}
     model = load_model(REPO / args.model)
-    record.update(forward_speed(model, args.rounds))
-    record.update(generation_speed(model, max(1, args.rounds // 2)))
-    print(record)
+    speed.update(forward_speed(model, args.rounds))
+    speed.update(generation_speed(model, max(1, args.rounds // 2)))
+    print(speed)
+    # one speed record per kind of CPU, so a run on the other kind does not replace this one's
+    record["speed"][f"native bf16 ({', '.join(native)})" if native else "no native bf16"] = speed
     if not args.speed_only:
         space, _ = choose_feature_space("mobilenet")
         extractor = load_extractor(space).eval()
@@ -101,9 +95,10 @@ def main() -> None:
                 "bf16_seed_a": score("bf16", seed_a)}
         noise = {m: round(abs(rows["fp32_seed_a"][m] - rows["fp32_seed_b"][m]), 4) for m in METRICS}
         change = {m: round(abs(rows["bf16_seed_a"][m] - rows["fp32_seed_a"][m]), 4) for m in METRICS}
-        record.update({"num_samples": args.num_samples, "num_real": len(heldout), "seeds": args.seeds,
-                       "rows": rows, "fp32_seed_to_seed": noise, "bf16_vs_fp32_same_seed": change,
-                       "bf16_within_noise": all(change[m] <= noise[m] for m in METRICS)})
+        record["quality"] = {"machine": speed["machine"], "num_samples": args.num_samples, "num_real": len(heldout),
+                             "seeds": args.seeds, "rows": rows, "fp32_seed_to_seed": noise,
+                             "bf16_vs_fp32_same_seed": change,
+                             "bf16_within_noise": all(change[m] <= noise[m] for m in METRICS)}
     save("bf16_sampling", record)
 
 

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from birdgen.precision import PRECISION_ENV  # noqa: E402
 from birdgen.utils import machine_description  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,6 +108,22 @@ def score_samples(model, settings, reference, extractor) -> dict:
     return {"fd": round(scores["fid"], 2), "kid": round(scores["kid_mean"], 4), "kid_std": round(scores["kid_std"], 4),
             "precision": round(scores["precision"], 3), "recall": round(scores["recall"], 3),
             "images_per_s": round(settings.num_samples / seconds, 2), "seconds": round(seconds, 1)}
+
+
+def with_precision(setting: str | None, work):
+    """Runs `work()` with BIRDGEN_PRECISION set to `setting` (the model reads it per generation);
+    None leaves it as it is."""
+    if setting is None:
+        return work()
+    previous = os.environ.get(PRECISION_ENV)
+    os.environ[PRECISION_ENV] = setting
+    try:
+        return work()
+    finally:
+        if previous is None:
+            os.environ.pop(PRECISION_ENV)
+        else:
+            os.environ[PRECISION_ENV] = previous
 
 
 def stored_results(path: Path) -> dict:

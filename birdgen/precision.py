@@ -2,10 +2,10 @@
 
 `BIRDGEN_PRECISION` (or the `setting` argument) is "auto", "fp32" or "bf16". On CUDA, auto is
 bf16 where the GPU supports it. On a CPU, auto is bf16 only where the CPU has native bf16
-(`avx512_bf16` or `amx_bf16` among its flags): there bf16 convolutions are faster, while on
-AVX2-only CPUs PyTorch's bf16 is about 6× slower than float32 (BENCHMARKS.md, row 8). bf16's
-samples were measured against float32 from the same seeds and differ by less than two float32
-seeds do (BENCHMARKS.md, "bf16 sampling").
+(`avx512_bf16` or `amx_bf16` among its flags): there the default generation is 1.55× faster
+(BENCHMARKS.md, row 8b), while on AVX2-only CPUs PyTorch's bf16 is about 6× slower than float32
+(row 8). bf16's samples were measured against float32 from the same seeds and differ by less
+than two float32 seeds do (BENCHMARKS.md, "bf16 sampling").
 """
 
 from __future__ import annotations

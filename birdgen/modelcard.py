@@ -358,7 +358,8 @@ def export_student_with_card(run_dir: str | os.PathLike, out: str | os.PathLike,
     export_student(run_dir, out, steps, half)
     config = DistillConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     student = load_model(out)
-    teacher = load_model(config.teacher)
+    d = student.distillation
+    teacher = load_model(d.teacher)  # the root of the chain: a student's teacher cannot sample at DDIM 50
     steps = student.sampling.steps
     noise, _ = initial_noise(64, student.network_config.image_size, GRID_SEED)
     samples = run_to_end(DDIMSampler(student.schedule, steps), student.denoiser(), noise)
@@ -368,7 +369,7 @@ def export_student_with_card(run_dir: str | os.PathLike, out: str | os.PathLike,
     records = [r for r in read_metrics(run_dir) if r["student_steps"] >= steps]
     if records:
         plot_loss(records, out / "loss.png")
-    d = student.distillation
+    guided = f", autoguided by `{teacher.guide.name}` as by default" if teacher.guide is not None else ""
     card = f"""# {out.name}
 
 A distilled student of `{d.teacher}`: it generates {student.network_config.image_size}×{student.network_config.image_size}
@@ -398,7 +399,8 @@ birdgen export {run_dir} --to {out} --steps {steps}
 
 ![samples](samples.png)
 
-Same noise, rows: the teacher with DDIM 50, the teacher with DDIM {steps}, this student with DDIM {steps}:
+Same noise, rows: the teacher `{d.teacher}` with DDIM 50, the same with DDIM {steps}{guided}; this student with
+DDIM {steps}:
 
 ![comparison](comparison.png)
 {chr(10) + "## Distillation loss" + chr(10) + "![loss](loss.png)" + chr(10) if records else ""}"""

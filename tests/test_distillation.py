@@ -1,8 +1,10 @@
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from birdgen.model_folder import build_model, load_model, save_model
@@ -10,12 +12,13 @@ from birdgen.cli import main
 from birdgen.data import load_crops, split_record
 from birdgen.diffusion import DiffusionConfig, NoiseSchedule
 from birdgen.distillation import DistillConfig, ProgressiveDistillationLoss, distill, export_student
-from birdgen.modelcard import export_student_with_card
+from birdgen.modelcard import GRID_SEED, export_student_with_card
 from birdgen.editing import final_steps
 from birdgen.networks import preset
 from birdgen.pipeline import GenerationRequest, generate, model_sampling
 from birdgen.records import SamplingRecord
-from birdgen.samplers import DDIMSampler, Denoiser
+from birdgen.samplers import DDIMSampler, Denoiser, initial_noise, run_to_end
+from birdgen.utils import grid_image
 from birdgen.training_loop import TrainingError
 
 TINY = preset("small", image_size=16, channels=(8, 16))
@@ -238,7 +241,7 @@ def test_cli_distill_export_and_sample(tiny_cub, tmp_path, capsys):
 
 
 def test_a_student_of_a_student_names_the_root_teacher(tiny_cub, tmp_path):
-    from birdgen.modelcard import export_student_with_card
+    from birdgen.modelcard import GRID_SEED, export_student_with_card
 
     teacher = make_teacher(tmp_path / "teacher", tiny_cub)
     distill(settings(teacher, tiny_cub, teacher_steps=8, steps_target=4, round_steps=2), tmp_path / "first")
@@ -250,6 +253,14 @@ def test_a_student_of_a_student_names_the_root_teacher(tiny_cub, tmp_path):
     assert record.earlier.teacher_steps == 8 and record.images_seen_total == 2 * 2 * 4
     card = (tmp_path / "student2" / "README.md").read_text()
     assert "| earlier stage |" in card and "| guided teacher |" not in card
+    # the same-noise picture's teacher rows are the root teacher's, which can sample at DDIM 50
+    root = load_model(teacher)
+    noise, _ = initial_noise(64, 16, GRID_SEED)
+    rows = [run_to_end(DDIMSampler(root.schedule, n), root.denoiser(), noise[:8]) for n in (50, 2)]
+    student_row = run_to_end(DDIMSampler(final.schedule, 2), final.denoiser(), noise[:8])
+    expected = np.asarray(grid_image(torch.cat([*rows, student_row]), 8, padding=2))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "student2" / "comparison.png").convert("RGB")), expected)
+    assert f"rows: the teacher `{teacher}` with DDIM 50" in card
 
 
 def test_a_student_of_a_guided_student_says_where_the_guide_ran(tiny_cub, tmp_path):

@@ -241,8 +241,6 @@ def test_cli_distill_export_and_sample(tiny_cub, tmp_path, capsys):
 
 
 def test_a_student_of_a_student_names_the_root_teacher(tiny_cub, tmp_path):
-    from birdgen.modelcard import GRID_SEED, export_student_with_card
-
     teacher = make_teacher(tmp_path / "teacher", tiny_cub)
     distill(settings(teacher, tiny_cub, teacher_steps=8, steps_target=4, round_steps=2), tmp_path / "first")
     middle = export_student(tmp_path / "first", tmp_path / "student4")

@@ -32,8 +32,9 @@ class Record:
             raise RecordError(f"'{cls.KEY}': {error}") from None
 
     def to_dict(self) -> dict:
-        """The JSON form (unset optional fields left out)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """The JSON form (unset optional fields left out; tuples as the lists JSON reads back)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+                if v is not None}
 
 
 @dataclass(frozen=True)

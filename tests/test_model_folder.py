@@ -159,3 +159,16 @@ def test_every_shipped_record_reads_as_typed_and_writes_back_unchanged(folder):
     for key, record_class in RECORDS.items():
         if key in raw:
             assert isinstance(records[key], record_class) and records[key].to_dict() == raw[key], key
+
+
+def test_a_guided_stage_before_a_student_writes_the_json_it_reads():
+    from birdgen.records import DistillationRecord
+
+    stage = dict(method="progressive", teacher="models/t", teacher_steps=16, rounds=1, round_steps=8, batch_size=4,
+                 lr=1e-4, images_seen=32)
+    earlier = DistillationRecord(**stage, guide="models/g", guide_weight=2.5, guide_interval=(200, 999))
+    record = DistillationRecord(**{**stage, "teacher_steps": 8}, earlier=earlier)
+    written = record.to_dict()
+    assert written == json.loads(json.dumps(written))  # lists, not tuples: what config.json gives back
+    assert written["earlier"]["guide_interval"] == [200, 999]
+    assert DistillationRecord.from_dict(written) == record

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -115,15 +116,8 @@ def with_precision(setting: str | None, work):
     None leaves it as it is."""
     if setting is None:
         return work()
-    previous = os.environ.get(PRECISION_ENV)
-    os.environ[PRECISION_ENV] = setting
-    try:
+    with mock.patch.dict(os.environ, {PRECISION_ENV: setting}):
         return work()
-    finally:
-        if previous is None:
-            os.environ.pop(PRECISION_ENV)
-        else:
-            os.environ[PRECISION_ENV] = previous
 
 
 def stored_results(path: Path) -> dict:

@@ -101,7 +101,8 @@ def main() -> None:
                                   "classes": accuracy["classes"]}
             row = {"model": model.name, "sampler": args.sampler, "steps": args.steps, "species_weight": weight,
                    "guide": guide_name, "guide_weight": guide_weight, "interval": interval,
-                   "top1": accuracy["generated_top1"], "top5": accuracy["generated_top5"], "relative_top1": accuracy["relative_top1"], "fd": round(m["fid"], 2),
+                   "top1": accuracy["generated_top1"], "top5": accuracy["generated_top5"],
+                   "relative_top1": accuracy["relative_top1"], "fd": round(m["fid"], 2),
                    "kid": round(m["kid_mean"], 4), "precision": round(m["precision"], 3),
                    "recall": round(m["recall"], 3), "seconds": m["wall_time_s"]}
             print(json.dumps(row), flush=True)

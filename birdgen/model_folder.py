@@ -303,7 +303,7 @@ def load_model(path_or_hub_id: str | os.PathLike, device: str | torch.device = "
     model = replace(model, **records)
     named = model.guidance.guide if model.guidance else None
     if guide != NO_GUIDE and (guide or named):
-        location = guide if guide else os.path.normpath(folder / named)  # records and captions then name models/g, not models/x/../g
+        location = os.path.normpath(guide or folder / named)  # records and captions name models/g, not models/x/../g
         model.guide = load_model(location, device, guide=NO_GUIDE)
         check_guide(model, model.guide, str(location))
         if model.guidance is None or model.guidance.guide_weight == 1:  # a guide given to a model with no weight

@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from birdgen.precision import PRECISION_ENV
+
 REPO = Path(__file__).resolve().parent.parent
 REAL_CUB = REPO.parent / "shared" / "data" / "CUB_200_2011"
 
@@ -28,7 +30,7 @@ def float32_sampling(monkeypatch):
     """Sampling precision follows the machine (bf16 autocast where the CPU has avx512_bf16), and
     the tests compare outputs with float32 arithmetic, so they pin float32 on every machine;
     test_precision.py sets the precision itself to test the decision and the bf16 path."""
-    monkeypatch.setenv("BIRDGEN_PRECISION", "fp32")
+    monkeypatch.setenv(PRECISION_ENV, "fp32")
 
 
 @pytest.fixture

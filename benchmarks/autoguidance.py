@@ -21,12 +21,13 @@ import json
 
 import torch
 
-from common import REAL_CUB, REPO, load_guide, load_guide_name, machine, score_samples, stored_results
+from common import REAL_CUB, REPO, load_guide, load_guide_name, machine, score_samples, stored_results, with_precision
 from birdgen.model_folder import check_guide, load_model
 from birdgen.data import load_crops, recover_split
 from birdgen.evaluation import EvalSettings, real_features
 from birdgen.features import choose_feature_space, load_extractor
 from birdgen.guidance import parse_interval
+from birdgen.precision import PRECISIONS, precision_text, sampling_autocast
 
 RESULTS = REPO / "benchmarks" / "results" / "autoguidance.json"
 PLOT = REPO / "benchmarks" / "results" / "autoguidance.png"
@@ -77,11 +78,12 @@ def plot(results: dict, count: int | None = None) -> None:
 
 
 def table(results: dict) -> str:
-    lines = ["| samples | guide | DPM++ steps | w | interval | evaluations (main + guide) | cost (main-equivalent) |"
-             " FD | KID | precision | recall | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| samples | guide | DPM++ steps | arithmetic | w | interval | evaluations (main + guide) |"
+             " cost (main-equivalent) | FD | KID | precision | recall | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results["rows"], key=lambda r: (r["num_samples"], r["guide"] != "none", r["guide"], r["steps"],
                                                     r["interval"], r["guide_weight"])):
-        lines.append(f"| {r['num_samples']} | {r['guide']} | {r['steps']} | {r['guide_weight']:g} | {r['interval']} | {r['steps']} +"
+        lines.append(f"| {r['num_samples']} | {r['guide']} | {r['steps']} | {r['arithmetic']} | {r['guide_weight']:g} | {r['interval']} | {r['steps']} +"
                      f" {r['guide_evaluations']} | {r['main_equivalent']:g} | {r['fd']:.1f} | {r['kid']:.3f} ±"
                      f" {r['kid_std']:.3f} | {r['precision']:.2f} | {r['recall']:.2f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
@@ -98,6 +100,8 @@ def main() -> None:
                         help="extra unguided rows at about the guided rows' cost")
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--features", default="mobilenet", choices=("auto", "inception", "mobilenet"))
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="sampling arithmetic (as BIRDGEN_PRECISION); fp32 keeps rows comparable across CPUs")
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--picture", help="instead: write a same-noise picture (rows: unguided, then guided with the"
                                           " model's default guidance) to this PNG")
@@ -121,13 +125,16 @@ def main() -> None:
     _, heldout = recover_split(model.data, crops, args.model)
     reference = real_features(crops, heldout, extractor, extractor.identity, 64, "cpu", None)
     results["num_real"] = len(heldout)
-    done = {(r["guide"], r["steps"], r["guide_weight"], r["interval"], r["num_samples"]) for r in results["rows"]}
+    arithmetic = precision_text(sampling_autocast(torch.device("cpu"), args.precision))
+    done = {(r["guide"], r["steps"], r["guide_weight"], r["interval"], r["num_samples"], r["arithmetic"])
+            for r in results["rows"]}
     jobs = [("none", steps, 1.0, "all") for steps in sorted(set(args.steps) | set(args.unguided_steps))]
     jobs += [(guide, steps, w, interval) for guide in args.guide for steps in args.steps for interval in args.intervals
              for w in args.weights]
     guides = {}
     for guide, steps, weight, interval in jobs:
-        if (guide if guide == "none" else load_guide_name(guide), steps, weight, interval, args.num_samples) in done:
+        if (guide if guide == "none" else load_guide_name(guide), steps, weight, interval, args.num_samples,
+                arithmetic) in done:
             continue
         if guide == "none":
             model.guide = None
@@ -138,8 +145,10 @@ def main() -> None:
             model.guide = guides[guide]
         timesteps = parse_interval(interval, model.schedule.num_steps)
         row = {"guide": model.guide.name if model.guide else "none", "num_samples": args.num_samples, "steps": steps,
-               "guide_weight": weight, "interval": interval, **cost(model, steps, weight, timesteps),
-               **measure(model, steps, weight, timesteps, args.num_samples, reference, extractor)}
+               "guide_weight": weight, "interval": interval, "arithmetic": arithmetic,
+               **cost(model, steps, weight, timesteps),
+               **with_precision(args.precision, lambda: measure(model, steps, weight, timesteps, args.num_samples,
+                                                                reference, extractor))}
         print(json.dumps(row), flush=True)
         results["rows"].append(row)
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")

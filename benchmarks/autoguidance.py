@@ -33,6 +33,14 @@ RESULTS = REPO / "benchmarks" / "results" / "autoguidance.json"
 PLOT = REPO / "benchmarks" / "results" / "autoguidance.png"
 
 
+SETTING = ("guide", "steps", "guide_weight", "interval", "num_samples", "arithmetic")
+
+
+def setting_of(row: dict) -> tuple:
+    """What a row measured, so that a rerun skips the settings already in the results file."""
+    return tuple(row[key] for key in SETTING)
+
+
 def measure(model, steps: int, guide_weight: float, interval, count: int, reference, extractor) -> dict:
     settings = EvalSettings(num_samples=count, sampler="dpmpp", steps=steps, batch_size=64, memorization=False,
                             guide_weight=guide_weight, interval=interval)
@@ -59,14 +67,16 @@ def plot(results: dict, count: int | None = None) -> None:
     count = count or max(r["num_samples"] for r in results["rows"])
     rows_at = [r for r in results["rows"] if r["num_samples"] == count]
     figure, axis = plt.subplots(figsize=(6.4, 3.8), dpi=110)
-    groups = sorted({(r["guide"], r["steps"], r["interval"]) for r in rows_at if r["guide"] != "none"})
-    for guide, steps, interval in groups:
-        rows = sorted((r["guide_weight"], r["fd"]) for r in rows_at
-                      if (r["guide"], r["steps"], r["interval"]) == (guide, steps, interval))
+    def line_of(row):
+        return row["guide"], row["steps"], row["interval"], row["arithmetic"]
+
+    for guide, steps, interval, arithmetic in sorted({line_of(r) for r in rows_at if r["guide"] != "none"}):
+        rows = sorted((r["guide_weight"], r["fd"]) for r in rows_at if line_of(r) == (guide, steps, interval, arithmetic))
         if len(rows) < 2:
             continue
-        rows = [(1.0, r["fd"]) for r in rows_at if r["guide"] == "none" and r["steps"] == steps] + rows
-        axis.plot(*zip(*sorted(rows)), "o-", linewidth=1, label=f"{guide}, DPM++ {steps}, t {interval}")
+        rows = [(1.0, r["fd"]) for r in rows_at
+                if r["guide"] == "none" and (r["steps"], r["arithmetic"]) == (steps, arithmetic)] + rows
+        axis.plot(*zip(*sorted(rows)), "o-", linewidth=1, label=f"{guide}, DPM++ {steps}, t {interval}, {arithmetic}")
     axis.set_xlabel("autoguidance weight w (1 = unguided)")
     axis.set_ylabel(f"FD, {results['features']} features (lower is better)")
     axis.set_title(f"{results['model']}: {count} samples vs {results['num_real']} held-out crops", fontsize=9)
@@ -83,9 +93,9 @@ def table(results: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results["rows"], key=lambda r: (r["num_samples"], r["guide"] != "none", r["guide"], r["steps"],
                                                     r["interval"], r["guide_weight"])):
-        lines.append(f"| {r['num_samples']} | {r['guide']} | {r['steps']} | {r['arithmetic']} | {r['guide_weight']:g} | {r['interval']} | {r['steps']} +"
-                     f" {r['guide_evaluations']} | {r['main_equivalent']:g} | {r['fd']:.1f} | {r['kid']:.3f} ±"
-                     f" {r['kid_std']:.3f} | {r['precision']:.2f} | {r['recall']:.2f} | {r['seconds']:.0f} |")
+        lines.append(f"| {r['num_samples']} | {r['guide']} | {r['steps']} | {r['arithmetic']} | {r['guide_weight']:g} |"
+                     f" {r['interval']} | {r['steps']} + {r['guide_evaluations']} | {r['main_equivalent']:g} |"
+                     f" {r['fd']:.1f} | {r['kid']:.3f} ± {r['kid_std']:.3f} | {r['precision']:.2f} | {r['recall']:.2f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -125,16 +135,17 @@ def main() -> None:
     _, heldout = recover_split(model.data, crops, args.model)
     reference = real_features(crops, heldout, extractor, extractor.identity, 64, "cpu", None)
     results["num_real"] = len(heldout)
-    arithmetic = precision_text(sampling_autocast(torch.device("cpu"), args.precision))
-    done = {(r["guide"], r["steps"], r["guide_weight"], r["interval"], r["num_samples"], r["arithmetic"])
-            for r in results["rows"]}
+    arithmetic = precision_text(sampling_autocast(model.device, args.precision))
+    done = {setting_of(r) for r in results["rows"]}
     jobs = [("none", steps, 1.0, "all") for steps in sorted(set(args.steps) | set(args.unguided_steps))]
     jobs += [(guide, steps, w, interval) for guide in args.guide for steps in args.steps for interval in args.intervals
              for w in args.weights]
     guides = {}
     for guide, steps, weight, interval in jobs:
-        if (guide if guide == "none" else load_guide_name(guide), steps, weight, interval, args.num_samples,
-                arithmetic) in done:
+        planned = {"guide": guide if guide == "none" else load_guide_name(guide), "steps": steps,
+                   "guide_weight": weight, "interval": interval, "num_samples": args.num_samples,
+                   "arithmetic": arithmetic}
+        if setting_of(planned) in done:
             continue
         if guide == "none":
             model.guide = None
@@ -144,9 +155,7 @@ def main() -> None:
                 check_guide(model, guides[guide], guide)
             model.guide = guides[guide]
         timesteps = parse_interval(interval, model.schedule.num_steps)
-        row = {"guide": model.guide.name if model.guide else "none", "num_samples": args.num_samples, "steps": steps,
-               "guide_weight": weight, "interval": interval, "arithmetic": arithmetic,
-               **cost(model, steps, weight, timesteps),
+        row = {**planned, **cost(model, steps, weight, timesteps),
                **with_precision(args.precision, lambda: measure(model, steps, weight, timesteps, args.num_samples,
                                                                 reference, extractor))}
         print(json.dumps(row), flush=True)

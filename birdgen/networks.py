@@ -106,7 +106,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, channels // 4), channels)
+    """Up to 32 groups of at least 4 channels; the largest such count that divides `channels`, so
+    that any channel widths work (48 + 96 = 144 channels after a skip concatenation: 24 groups)."""
+    groups = max(1, min(32, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, channels)
 
 
 class ResBlock(nn.Module):

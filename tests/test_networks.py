@@ -14,6 +14,21 @@ def test_presets_run_forward_and_backward(name):
     assert all(p.grad is not None for p in network.parameters())
 
 
+def test_any_channel_widths_build():
+    # 48 + 96 = 144 channels meet in the decoder; 32 groups do not divide them.
+    network = UNet(preset("small-attn", channels=(48, 96, 96)))
+    assert network(torch.randn(1, 3, 64, 64), torch.tensor([5])).shape == (1, 3, 64, 64)
+    norms = {m.num_channels: m.num_groups for m in network.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert norms[144] == 24 and norms[96] == 24 and norms[48] == 12
+
+
+def test_group_counts_of_the_shipped_shapes_are_unchanged():
+    # Shipped weights were trained with min(32, channels // 4) groups; widths it divides keep it.
+    network = UNet(preset("small-attn"))
+    norms = {m.num_channels: m.num_groups for m in network.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert norms == {channels: min(32, channels // 4) for channels in norms}
+
+
 def test_baseline_builds_with_attention_at_two_resolutions():
     config = preset("baseline")
     network = UNet(config)

@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .model_folder import ModelError, build_model, load_model, push_model
-from .data import CROP_MODES, DatasetError, load_crops, summarize
+from .data import CROP_MODES, SPLITS, DatasetError, load_crops, summarize
 from .distillation import DistillConfig, distill
 from .diffusion import DiffusionConfig
 from .download import DownloadError, download
@@ -49,18 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="birdgen", description="Diffusion models that generate 64x64 birds.")
     commands = parser.add_subparsers(title="commands")
 
-    data = commands.add_parser("data", help="get and prepare CUB-200-2011").add_subparsers(title="data commands")
+    data = commands.add_parser("data", help="get CUB-200-2011; check and prepare any set of pictures").add_subparsers(
+        title="data commands")
     get = data.add_parser("download", help="download, verify (MD5) and extract CUB_200_2011.tgz")
     get.add_argument("--dest", default="data", help="folder to put CUB_200_2011/ in (default: ./data)")
     get.set_defaults(handler=cmd_download)
-    prep = data.add_parser("prepare", help="crop and cache the images; print counts per split and species")
-    prep.add_argument("--root", required=True, help="the CUB_200_2011 folder")
-    prep.add_argument("--size", type=int, default=64, help="crop size in pixels (default 64)")
-    prep.add_argument("--crop", choices=CROP_MODES, default="square")
-    prep.add_argument("--padding", type=float, default=0.1, help="square crops: margin around the box (fraction)")
-    prep.add_argument("--split", choices=("official", "random"), default="official")
-    prep.add_argument("--seed", type=int, default=0, help="seed of the random split")
-    prep.add_argument("--strict", action="store_true", help="fail on a corrupt image instead of skipping it")
+    check = data.add_parser("check", help="report on a folder, zip or CUB root before training: unreadable files,"
+                                          " modes, sizes, classes, duplicates, the split, advice and a preview")
+    check.add_argument("path", help="a folder of pictures (flat, or one folder per class), a .zip of one, or a CUB root")
+    add_crop_flags(check)
+    check.add_argument("--json", action="store_true", help="print the report as JSON (for scripts) instead of text")
+    check.set_defaults(handler=cmd_check)
+    prep = data.add_parser("prepare", help="crop and cache the pictures; print counts per split and class")
+    prep.add_argument("--root", required=True, help="a CUB_200_2011 folder, a folder of pictures or a .zip of one")
+    add_crop_flags(prep)
+    prep.add_argument("--strict", action="store_true", help="fail on the first unusable picture instead of leaving"
+                                                            " it out")
     prep.set_defaults(handler=cmd_prepare)
 
     species = commands.add_parser("species", help="list the species a species model knows")
@@ -78,11 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"default: a distilled student's own, else {DEFAULT_SAMPLING[0]} {DEFAULT_SAMPLING[1]}")
     sample.add_argument("--steps", type=int, help=f"network evaluations (defaults with --sampler: {DEFAULT_STEPS})")
     sample.add_argument("--num", type=int, default=16, help="number of images (default 16)")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=int, default=0, help="seed of the initial noise: the same seed gives the same"
+                        " birds (default 0)")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise, 0 (deterministic) … 1")
     sample.add_argument("--species", action="append", metavar="ID|NAME",
-                        help="species model only: a class id (17) or name (Cardinal); repeat it, or say 'all', for one"
-                             " row of --num images per species")
+                        help="species (or class) model only: a class id (17) or name (Cardinal, or a class folder's"
+                             " name as written); repeat it, or say 'all', for one row of --num images per class")
     add_guidance_flags(sample)
     sample.add_argument("--out", default="samples.png", help="grid PNG to write (default samples.png)")
     sample.add_argument("--individual", metavar="DIR", help="also write each image as DIR/NNNN.png")
@@ -128,7 +133,8 @@ def add_eval_parser(commands) -> None:
 
     parser = commands.add_parser("eval", help="FD/KID, precision/recall and a memorization check against real crops")
     parser.add_argument("--model", required=True, help="model folder or Hub id")
-    parser.add_argument("--data", required=True, help="the CUB_200_2011 folder the model trained on")
+    parser.add_argument("--data", required=True, help="the dataset the model trained on: its CUB_200_2011 folder,"
+                        " folder of pictures or zip")
     parser.add_argument("--features", choices=("auto", *FEATURE_SPACES), default="auto",
                         help="inception (standard FID weights, needed once) or mobilenet (ships with birdgen, offline);"
                              " auto: inception where its weights are present, else mobilenet")
@@ -344,10 +350,41 @@ def cmd_download(args) -> int:
     return 0
 
 
+def add_crop_flags(parser: argparse.ArgumentParser) -> None:
+    """How pictures become crops and which split is held out: the same settings `birdgen train` takes."""
+    parser.add_argument("--size", type=int, default=64, help="crop side in pixels (default 64)")
+    parser.add_argument("--crop", choices=("auto", *CROP_MODES), default="auto",
+                        help="auto (square around CUB's boxes, center for folders), square/bbox (CUB), center (the"
+                             " middle square) or full (the whole picture padded to a square); default auto")
+    parser.add_argument("--padding", type=float, default=0.1, help="square crops: margin around the box (fraction)")
+    parser.add_argument("--background", default="white", help="what transparent pictures are composited onto: white,"
+                        " black, gray or #rrggbb (default white)")
+    parser.add_argument("--split", choices=SPLITS, default="auto",
+                        help="auto (official for CUB, stratified for class folders, else random), official, random"
+                             " or stratified (each class's share held out); default auto")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a random or stratified split (default 0)")
+    parser.add_argument("--test-fraction", type=float, default=0.2,
+                        help="random and stratified splits: share held out (default 0.2)")
+
+
+def cmd_check(args) -> int:
+    from .datacheck import check_dataset
+
+    started = time.perf_counter()
+    report = check_dataset(args.path, args.size, args.crop, args.padding, args.background, args.split, args.seed,
+                           args.test_fraction, progress=not args.json)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.text())
+        print(f"({time.perf_counter() - started:.1f} s)")
+    return 0 if report.trainable else 1
+
+
 def cmd_prepare(args) -> int:
     started = time.perf_counter()
-    crops = load_crops(args.root, args.size, args.crop, args.padding, strict=args.strict)
-    print(summarize(crops, args.split, args.seed))
+    crops = load_crops(args.root, args.size, args.crop, args.padding, args.background, strict=args.strict)
+    print(summarize(crops, args.split, args.seed, args.test_fraction))
     print(f"({time.perf_counter() - started:.1f} s)")
     return 0
 
@@ -503,19 +540,26 @@ def cmd_inpaint(args) -> int:
 
 def run_config(config_class, values: dict, data_hint: str):
     """The settings of a run command: a --config file's (training only), else on --resume the run
-    folder's saved ones, else the defaults; then every flag given on top. A missing or non-CUB data
-    folder fails here, before any work starts."""
-    config = config_class.from_file(values["config"]) if values.get("config") else config_class()
+    folder's saved ones, else the defaults; then every flag given on top. A fine-tune (--init-from)
+    gets FINE_TUNE_DEFAULTS where neither says otherwise. A missing or unreadable dataset fails
+    here, before any work starts."""
+    from .sources import open_source
+    from .training_loop import FINE_TUNE_DEFAULTS
+
+    given = {}
+    if values.get("config"):
+        given = config_class.from_file(values["config"]).__dict__
+        given = {k: v for k, v in given.items() if v != getattr(config_class(), k)}
     saved = Path(values["out"]) / "config.json"
     if values["resume"] and not values.get("config") and saved.is_file():
-        config = config_class.from_dict(json.loads(saved.read_text()), str(saved))
-    overrides = {f.name: values[f.name] for f in fields(config_class) if f.name in values}
-    config = config_class.from_dict({**config.__dict__, **overrides})
+        given = config_class.from_dict(json.loads(saved.read_text()), str(saved)).__dict__
+    given |= {f.name: values[f.name] for f in fields(config_class) if f.name in values}
+    if given.get("init_from") and config_class is TrainConfig:
+        given = {**FINE_TUNE_DEFAULTS, **TrainConfig(init_from=given["init_from"]).base_settings(), **given}
+    config = config_class.from_dict(given)
     if not config.data:
         raise TrainingError(f"no data folder: pass --data DIR ({data_hint})")
-    from .data import read_metadata
-
-    read_metadata(config.data)
+    open_source(config.data)
     return config
 
 
@@ -536,21 +580,12 @@ def cmd_distill(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .modelcard import export_student_with_card, export_with_card
+    from .modelcard import export_any_run
 
-    run_info = Path(args.run) / "run.json"
-    if run_info.is_file() and json.loads(run_info.read_text()).get("kind") == "distillation":
-        if args.raw_weights:
-            raise TrainingError(f"{args.run}: --raw-weights applies to training runs, not to a distillation run")
-        folder = export_student_with_card(args.run, args.to, args.steps, half=not args.fp32)
-    elif args.steps is not None:
-        raise TrainingError(f"{args.run}: --steps picks a student of a distillation run; this is a training run")
-    else:
-        interval = parse_interval(args.guide_interval, TrainConfig.from_dict(json.loads(
-            (Path(args.run) / "config.json").read_text())).noise_steps) if args.guide_interval else None
-        folder = export_with_card(args.run, args.to, half=not args.fp32, heldout_batches=args.heldout_batches,
-                                  guide=args.guide, guide_weight=args.guide_weight, interval=interval,
-                                  step=args.checkpoint_step, guides=args.guides, averaged=not args.raw_weights)
+    folder = export_any_run(args.run, args.to, half=not args.fp32, heldout_batches=args.heldout_batches,
+                            student_steps=args.steps, guide=args.guide, guide_weight=args.guide_weight,
+                            interval=args.guide_interval, step=args.checkpoint_step, guides=args.guides,
+                            averaged=not args.raw_weights)
     print(f"Wrote model folder {folder}")
     return 0
 

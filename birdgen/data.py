@@ -1,16 +1,8 @@
-"""CUB-200-2011: read the official layout, crop birds to their boxes, cache the crops.
+"""Crops: any picture source (`sources`) turned into one in-memory set of square uint8 crops,
+cached once per settings, with labels, class names and the split bookkeeping of a model.
 
-The official layout is::
-
-    ROOT/images.txt              <image_id> <relative path>
-    ROOT/bounding_boxes.txt      <image_id> <x> <y> <width> <height>   (0-based pixels)
-    ROOT/image_class_labels.txt  <image_id> <class_id>
-    ROOT/classes.txt             <class_id> <class folder name>
-    ROOT/train_test_split.txt    <image_id> <1 = train, 0 = test>
-    ROOT/images/<class folder>/<file>.jpg
-
-Crops are cached once per settings as uint8 arrays (see `load_crops`), so training reads
-images at memory speed.
+Crops are cached as one npz per source and settings (see `load_crops`), so training reads
+pictures at memory speed and a bad file can never stop a run part-way.
 """
 
 from __future__ import annotations
@@ -19,28 +11,21 @@ import hashlib
 import json
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
-METADATA_FILES = (
-    "images.txt",
-    "bounding_boxes.txt",
-    "image_class_labels.txt",
-    "classes.txt",
-    "train_test_split.txt",
-)
-CROP_MODES = ("square", "bbox")
-SPLITS = ("official", "random")
-CACHE_FORMAT_VERSION = 1
+from .sources import DatasetError, PictureError, Source, decode_picture, open_source, parse_background
 
-
-class DatasetError(ValueError):
-    """A dataset problem, with a one-line message naming the file (and line) at fault."""
+CROP_MODES = ("square", "bbox", "center", "full")  # square/bbox need bounding boxes (CUB)
+SPLITS = ("auto", "official", "random", "stratified")
+MIN_PICTURE_SIDE = 32  # pictures whose shorter side is smaller are refused, by name
+CACHE_FORMAT_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -48,85 +33,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BIRDGEN_CACHE_DIR") or Path.home() / ".cache" / "birdgen")
 
 
-@dataclass(frozen=True)
-class CubRecord:
-    image_id: int
-    path: str  # relative to ROOT/images
-    box: tuple[float, float, float, float]  # x, y, width, height in source pixels
-    class_id: int
-    is_train: bool
+def resolve_split(split: str, layout: str) -> str:
+    """'auto': the official split of CUB, a per-class (stratified) random split of class folders,
+    a random split of a flat folder. A folder asked for an 'official' split says it has none."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    if split == "auto":
+        return {"cub": "official", "class-folders": "stratified"}.get(layout, "random")
+    if split == "official" and layout != "cub":
+        raise DatasetError("an image folder has no official train/test split; use --split random or stratified"
+                           " (seeded, --test-fraction held out)")
+    if split == "stratified" and layout == "flat":
+        raise DatasetError("a flat folder has no classes to stratify by; use --split random")
+    return split
 
 
-@dataclass
-class CubMetadata:
-    root: Path
-    records: list[CubRecord]
-    class_names: dict[int, str]
-
-
-def _read_table(path: Path, columns: int, parse) -> dict[int, tuple]:
-    """Reads `<id> <values…>` lines into {id: parsed values}, naming file:line on any fault."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: missing CUB metadata file")
-    table: dict[int, tuple] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            parts = line.strip().split(maxsplit=1) if columns == 2 else line.split()
-            where = f"{path}:{line_no}"
-            if len(parts) != columns:
-                raise DatasetError(f"{where}: expected {columns} fields, got {len(parts)}: {line.strip()!r}")
-            try:
-                key = int(parts[0])
-                values = parse(parts[1:])
-            except ValueError:
-                raise DatasetError(f"{where}: malformed line: {line.strip()!r}") from None
-            if key in table:
-                raise DatasetError(f"{where}: duplicate id {key}")
-            table[key] = values
-    return table
-
-
-def read_metadata(root: str | os.PathLike) -> CubMetadata:
-    """Reads and cross-checks the five metadata files of a CUB-200-2011 folder."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: not a folder (expected a CUB_200_2011 dataset root)")
-    images = _read_table(root / "images.txt", 2, lambda v: v[0].strip())
-    boxes = _read_table(root / "bounding_boxes.txt", 5, lambda v: tuple(float(x) for x in v))
-    labels = _read_table(root / "image_class_labels.txt", 2, lambda v: int(v[0]))
-    classes = _read_table(root / "classes.txt", 2, lambda v: v[0].strip())
-    split = _read_table(root / "train_test_split.txt", 2, lambda v: _parse_split_flag(v[0]))
-
-    for name, table in (("bounding_boxes.txt", boxes), ("image_class_labels.txt", labels),
-                        ("train_test_split.txt", split)):
-        missing = sorted(set(images) - set(table))
-        if missing:
-            raise DatasetError(f"{root / name}: no entry for image id {missing[0]} listed in images.txt"
-                               f" ({len(missing)} missing)")
-    # The official files list all 11,788 ids even where only some images are present, so
-    # extra ids in the other files are expected; ids in images.txt must be complete.
-    records = []
-    for image_id, rel_path in sorted(images.items()):
-        x, y, w, h = boxes[image_id]
-        if w <= 0 or h <= 0:
-            raise DatasetError(f"{root / 'bounding_boxes.txt'}: image id {image_id} has a zero-area or"
-                               f" negative box (width {w}, height {h})")
-        class_id = labels[image_id]
-        if class_id not in classes:
-            raise DatasetError(f"{root / 'image_class_labels.txt'}: image id {image_id} has class {class_id},"
-                               f" which classes.txt does not list")
-        records.append(CubRecord(image_id, rel_path, (x, y, w, h), class_id, split[image_id]))
-    if not records:
-        raise DatasetError(f"{root / 'images.txt'}: lists no images")
-    return CubMetadata(root, records, classes)
-
-
-def _parse_split_flag(value: str) -> bool:
-    if value not in ("0", "1"):
-        raise ValueError(value)
-    return value == "1"
+def resolve_crop(crop: str | None, source_has_boxes: bool) -> str:
+    """None or 'auto': the source's default ('square' around CUB's boxes, 'center' for folders)."""
+    if crop in (None, "", "auto"):
+        return "square" if source_has_boxes else "center"
+    if crop not in CROP_MODES:
+        raise ValueError(f"unknown crop mode {crop!r}; choose one of {CROP_MODES}")
+    if crop in ("square", "bbox") and not source_has_boxes:
+        raise DatasetError(f"crop {crop!r} needs bounding boxes, which an image folder does not have; use center"
+                           " (a square from the middle) or full (the whole picture padded to a square)")
+    return crop
 
 
 def crop_box(image_size: tuple[int, int], box, mode: str = "square", padding: float = 0.1):
@@ -153,20 +84,40 @@ def crop_box(image_size: tuple[int, int], box, mode: str = "square", padding: fl
     return left, top, left + side, top + side
 
 
-def load_crop(path: Path, box, size: int, mode: str, padding: float) -> np.ndarray:
-    """Opens one image (any mode, converted to RGB), crops it and resizes it to size x size."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        region = crop_box(image.size, box, mode, padding)
-        crop = image.resize((size, size), Image.Resampling.LANCZOS, box=region, reducing_gap=3.0)
-    return np.asarray(crop, dtype=np.uint8)
+def crop_picture(image: Image.Image, box, settings: "CropSettings") -> tuple[np.ndarray, float]:
+    """One upright RGB picture as a size × size uint8 crop, and the side (source pixels) the crop
+    was cut from: `center` the largest centred square, `full` the whole picture padded to a square
+    with the background colour, `square`/`bbox` around the bounding box (see `crop_box`)."""
+    size = settings.size
+    width, height = image.size
+    if settings.crop == "full":
+        side = max(width, height)
+        canvas = Image.new("RGB", (side, side), parse_background(settings.background))
+        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+        image, region = canvas, (0.0, 0.0, float(side), float(side))
+    elif settings.crop == "center":
+        side = min(width, height)
+        left, top = (width - side) / 2, (height - side) / 2
+        region = (left, top, left + side, top + side)
+    else:
+        region = crop_box(image.size, box, settings.crop, settings.padding)
+    crop = image.resize((size, size), Image.Resampling.LANCZOS, box=region, reducing_gap=3.0)
+    return np.asarray(crop, dtype=np.uint8), min(region[2] - region[0], region[3] - region[1])
+
+
+def load_crop(path: Path, box, size: int, mode: str, padding: float, background: str = "white") -> np.ndarray:
+    """Decodes one picture file (see `sources.decode_picture`) and crops it."""
+    settings = CropSettings(size, mode, padding, background)
+    image = decode_picture(Path(path).read_bytes(), parse_background(background)).image
+    return crop_picture(image, box, settings)[0]
 
 
 @dataclass(frozen=True)
 class CropSettings:
     size: int = 64
     crop: str = "square"
-    padding: float = 0.1
+    padding: float = 0.1  # square crops: margin around the box, as a fraction of its side
+    background: str = "white"  # what transparent pictures (and `full` crops' borders) are filled with
 
     def __post_init__(self):
         if self.size < 8:
@@ -175,39 +126,61 @@ class CropSettings:
             raise ValueError(f"unknown crop mode {self.crop!r}; choose one of {CROP_MODES}")
         if not 0 <= self.padding <= 2:
             raise ValueError(f"padding {self.padding} out of range [0, 2]")
+        parse_background(self.background)
 
 
 @dataclass
-class CubCrops:
-    """All crops of a dataset as uint8 HWC arrays, with labels and the official split."""
+class Crops:
+    """Every usable picture of a source as a uint8 HWC crop, with its labels, its official split
+    (CUB only), what each file was, and the files that could not be used."""
 
     images: np.ndarray  # (N, size, size, 3) uint8
-    image_ids: np.ndarray  # (N,) int64
-    labels: np.ndarray  # (N,) int64, official class ids
-    is_train: np.ndarray  # (N,) bool, the official split
+    image_ids: np.ndarray  # (N,) int64: CUB's ids, a folder's position in sorted key order
+    labels: np.ndarray  # (N,) int64 class ids (0 where the source has no classes)
+    is_train: np.ndarray  # (N,) bool, the official split (all False without one)
     class_names: dict[int, str]
+    layout: str = "cub"  # "cub", "class-folders" or "flat"
+    dataset: str = ""  # the source's folder (or zip) name
+    keys: np.ndarray = field(default_factory=lambda: np.array([], str))  # (N,) paths inside the source
+    modes: np.ndarray = field(default_factory=lambda: np.array([], str))  # (N,) each file's own image mode
+    sizes: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # (N, 2) upright width, height
+    sha256: np.ndarray = field(default_factory=lambda: np.array([], str))  # (N,) of each file's bytes
+    phash: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # (N,) perceptual hash of the picture
+    upscaled: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (N,) cut from fewer pixels than size
+    unusable: list[tuple[str, str]] = field(default_factory=list)  # (key, reason): unreadable or too small
+    ignored: list[str] = field(default_factory=list)  # files that are not pictures, by extension
+    settings: CropSettings | None = None
     cache_path: Path | None = None
-    skipped: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def class_word(self) -> str:
+        """What one class is called in messages: CUB's are species, a folder's are classes."""
+        return "species" if self.layout == "cub" else "class"
+
     def split_indices(self, split: str = "official", part: str = "train", seed: int = 0,
                       test_fraction: float = 0.2) -> np.ndarray:
-        """Indices of one part ('train', 'test' or 'all') of a split ('official' or 'random')."""
+        """Indices of one part ('train', 'test' or 'all') of a split: 'official' (CUB's file),
+        'random' (a seeded share `test_fraction` of all pictures held out), 'stratified' (that
+        share of each class held out) or 'auto' (see `resolve_split`)."""
         if part == "all":
             return np.arange(len(self))
         if part not in ("train", "test"):
             raise ValueError(f"unknown split part {part!r}; choose train, test or all")
+        split = resolve_split(split, self.layout)
         if split == "official":
             mask = self.is_train if part == "train" else ~self.is_train
-        elif split == "random":
-            order = np.random.default_rng(seed).permutation(len(self))
-            n_test = int(round(len(self) * test_fraction))
-            mask = np.zeros(len(self), bool)
-            mask[order[n_test:] if part == "train" else order[:n_test]] = True
         else:
-            raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+            rng = np.random.default_rng(seed)
+            groups = [np.arange(len(self))] if split == "random" else \
+                [np.flatnonzero(self.labels == label) for label in np.unique(self.labels)]
+            mask = np.zeros(len(self), bool)
+            for group in groups:
+                order = group[rng.permutation(len(group))]
+                n_test = int(round(len(group) * test_fraction))
+                mask[order[n_test:] if part == "train" else order[:n_test]] = True
         indices = np.flatnonzero(mask)
         if len(indices) == 0:
             raise DatasetError(f"the {split} split has no {part} images")
@@ -223,14 +196,17 @@ def ids_digest(image_ids: np.ndarray) -> str:
     return hashlib.sha256(",".join(str(int(i)) for i in sorted(image_ids)).encode()).hexdigest()
 
 
-def split_record(crops: CubCrops, root: str | os.PathLike, crop: str, padding: float, split: str, seed: int,
-                 test_fraction: float, train_on: str) -> dict:
+def split_record(crops: Crops, split: str, seed: int, test_fraction: float, train_on: str) -> dict:
     """What a model trained on, for its model folder: enough to rebuild its training and
     held-out crops exactly from the same dataset (checked by a digest of the image ids)."""
+    split = resolve_split(split, crops.layout)
     train = crops.split_indices(split, "all" if train_on == "all" else "train", seed, test_fraction)
-    return {"dataset": Path(root).name, "num_images": len(crops), "image_size": int(crops.images.shape[1]),
-            "crop": crop, "padding": padding, "split": split, "seed": seed, "test_fraction": test_fraction,
-            "train_on": train_on, "num_train": len(train), "train_ids_sha256": ids_digest(crops.image_ids[train])}
+    settings = crops.settings
+    return {"dataset": crops.dataset, "num_images": len(crops), "image_size": int(crops.images.shape[1]),
+            "crop": settings.crop, "padding": settings.padding, "split": split, "seed": seed,
+            "test_fraction": test_fraction, "train_on": train_on, "num_train": len(train),
+            "train_ids_sha256": ids_digest(crops.image_ids[train]), "layout": crops.layout,
+            "background": settings.background}
 
 
 def require_split_record(record, where: str) -> None:
@@ -240,7 +216,7 @@ def require_split_record(record, where: str) -> None:
                            " config.json; re-export it with `birdgen export`), so its held-out crops are unknown")
 
 
-def recover_split(record, crops: CubCrops, where: str) -> tuple[np.ndarray, np.ndarray]:
+def recover_split(record, crops: Crops, where: str) -> tuple[np.ndarray, np.ndarray]:
     """(training indices, held-out indices) of `crops` for a model's split record (a
     `records.DataRecord`); one-line errors when the record is missing or the dataset cannot give
     back the same split."""
@@ -259,6 +235,16 @@ def recover_split(record, crops: CubCrops, where: str) -> tuple[np.ndarray, np.n
     return train, heldout
 
 
+def model_crops(record, root: str | os.PathLike, where: str) -> tuple[Crops, np.ndarray, np.ndarray]:
+    """The crops a model trained on, rebuilt from `root` with its split record's settings, and
+    its (training, held-out) indices; one-line errors when `root` is not that dataset."""
+    require_split_record(record, where)
+    crops = load_crops(root, record.image_size, record.crop, record.padding, record.background or "white",
+                       progress=False)
+    train, heldout = recover_split(record, crops, where)
+    return crops, train, heldout
+
+
 def to_model_range(images_uint8_nhwc: torch.Tensor) -> torch.Tensor:
     return images_uint8_nhwc.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
@@ -268,96 +254,124 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def _source_fingerprint(meta: CubMetadata) -> str:
-    """Changes whenever a metadata file or any listed image file changes."""
-    digest = hashlib.sha256()
-    for name in METADATA_FILES:
-        digest.update((meta.root / name).read_bytes())
-    for record in meta.records:
-        path = meta.root / "images" / record.path
-        try:
-            stat = path.stat()
-            digest.update(f"{record.path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-        except FileNotFoundError:
-            digest.update(f"{record.path}:missing\n".encode())
-    return digest.hexdigest()
-
-
-def cache_path_for(meta: CubMetadata, settings: CropSettings, directory: Path | None = None) -> Path:
-    key = json.dumps({"root": str(meta.root.resolve()), "settings": asdict(settings),
-                      "format": CACHE_FORMAT_VERSION, "source": _source_fingerprint(meta)}, sort_keys=True)
-    name = f"cub-{settings.size}px-{settings.crop}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+def cache_path_for(source: Source, settings: CropSettings, directory: Path | None = None) -> Path:
+    key = json.dumps({"root": str(source.path.resolve()), "settings": asdict(settings),
+                      "format": CACHE_FORMAT_VERSION, "source": source.fingerprint()}, sort_keys=True)
+    prefix = "cub" if source.layout == "cub" else "folder"
+    name = f"{prefix}-{settings.size}px-{settings.crop}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     return (directory or cache_dir() / "crops") / name
 
 
-def load_crops(root: str | os.PathLike, size: int = 64, crop: str = "square", padding: float = 0.1,
-               strict: bool = False, cache: bool = True, cache_directory: Path | None = None,
-               progress: bool = True) -> CubCrops:
-    """Crops every listed image once and caches the result; later calls load the cache.
+def load_crops(root: str | os.PathLike, size: int = 64, crop: str | None = None, padding: float = 0.1,
+               background: str = "white", strict: bool = False, cache: bool = True,
+               cache_directory: Path | None = None, progress: bool = True) -> Crops:
+    """Decodes and crops every picture of the source at `root` (a CUB root, a folder or a zip)
+    once and caches the result; later calls load the cache. `crop` None: the source's default.
 
-    A listed image that is missing always fails. A corrupt or truncated image fails with
-    `strict`, else it is skipped with a warning and listed in `CubCrops.skipped`.
+    A file listed by CUB's metadata that is missing always fails. An unreadable or too small
+    picture fails with `strict`, else it is left out and listed in `Crops.unusable` with its
+    reason (training refuses such a set unless told to skip them).
     """
-    settings = CropSettings(size, crop, padding)
-    meta = read_metadata(root)
-    path = cache_path_for(meta, settings, cache_directory) if cache else None
+    source = open_source(root)
+    settings = CropSettings(size, resolve_crop(crop, source.has_boxes), padding, background)
+    path = cache_path_for(source, settings, cache_directory) if cache else None
     if path is not None and path.is_file():
         try:
-            return _read_cache(path, meta)
+            return _read_cache(path, source, settings)
         except (OSError, ValueError, KeyError) as error:
             warnings.warn(f"{path}: unreadable crop cache ({error}); rebuilding it")
-    crops = _build_crops(meta, settings, strict, progress)
+    crops = build_crops(source, settings, strict, progress)
     if path is not None:
-        _write_cache(path, crops)
+        from .utils import writing
+
+        with writing(path, "the crop cache", path.with_suffix(f".tmp{os.getpid()}.npz")):
+            _write_cache(path, crops)
         crops.cache_path = path
     return crops
 
 
-def _build_crops(meta: CubMetadata, settings: CropSettings, strict: bool, progress: bool) -> CubCrops:
-    images, kept, skipped = [], [], []
-    for record in tqdm(meta.records, desc="Cropping CUB images", unit="img", disable=not progress):
-        path = meta.root / "images" / record.path
-        if not path.is_file():
-            raise DatasetError(f"{path}: image listed in images.txt (id {record.image_id}) is missing")
-        try:
-            images.append(load_crop(path, record.box, settings.size, settings.crop, settings.padding))
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            message = f"{path}: corrupt or truncated image ({error})"
-            if strict:
-                raise DatasetError(message) from None
-            warnings.warn(message + "; skipped")
-            skipped.append(str(path))
-            continue
-        except ValueError as error:
-            raise DatasetError(f"{path}: {error}") from None
-        kept.append(record)
+@dataclass(frozen=True)
+class _Decoded:
+    crop: np.ndarray | None
+    reason: str = ""  # why the picture cannot be used
+    mode: str = ""
+    size: tuple[int, int] = (0, 0)
+    sha256: str = ""
+    phash: int = 0
+    cut_from: float = 0.0
+
+
+def _decode_item(source: Source, item, settings: CropSettings, background) -> _Decoded:
+    import imagehash
+
+    data = source.read(item)
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        decoded = decode_picture(data, background)
+        if min(decoded.size) < MIN_PICTURE_SIDE:
+            raise PictureError(f"only {decoded.size[0]}×{decoded.size[1]} pixels, below the {MIN_PICTURE_SIDE}-pixel"
+                               " minimum side")
+        crop, cut_from = crop_picture(decoded.image, item.box, settings)
+    except PictureError as error:
+        return _Decoded(None, str(error), sha256=digest)
+    except ValueError as error:  # a CUB box that lies outside its picture
+        raise DatasetError(f"{source.path}: {item.key}: {error}") from None
+    phash = int(str(imagehash.phash(decoded.image)), 16)
+    return _Decoded(crop, "", decoded.mode, decoded.size, digest, phash, cut_from)
+
+
+def build_crops(source: Source, settings: CropSettings, strict: bool = False, progress: bool = True) -> Crops:
+    """Decodes every item once (on all cores: Pillow decodes without the GIL) into `Crops`."""
+    background = parse_background(settings.background)
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(lambda item: _decode_item(source, item, settings, background), source.items)
+        decoded = list(tqdm(results, total=len(source.items), desc=f"Decoding {source.name}", unit="img",
+                            disable=not progress))
+    kept = [(item, d) for item, d in zip(source.items, decoded) if d.crop is not None]
+    unusable = [(item.key, d.reason) for item, d in zip(source.items, decoded) if d.crop is None]
+    if unusable and strict:
+        key, reason = unusable[0]
+        raise DatasetError(f"{source.path}: {key}: {reason}" + (f" (and {len(unusable) - 1} more)"
+                                                               if len(unusable) > 1 else ""))
     if not kept:
-        raise DatasetError(f"{meta.root}: no readable images")
-    return CubCrops(
-        images=np.stack(images),
-        image_ids=np.array([r.image_id for r in kept], np.int64),
-        labels=np.array([r.class_id for r in kept], np.int64),
-        is_train=np.array([r.is_train for r in kept], bool),
-        class_names=dict(meta.class_names),
-        skipped=skipped,
-    )
+        raise DatasetError(f"{source.path}: no usable pictures ({len(unusable)} unreadable or too small)")
+    return Crops(
+        images=np.stack([d.crop for _, d in kept]),
+        image_ids=np.array([item.image_id for item, _ in kept], np.int64),
+        labels=np.array([item.class_id for item, _ in kept], np.int64),
+        is_train=np.array([bool(item.is_train) for item, _ in kept], bool),
+        class_names=dict(source.class_names), layout=source.layout, dataset=source.name,
+        keys=np.array([item.key for item, _ in kept], str),
+        modes=np.array([d.mode for _, d in kept], str),
+        sizes=np.array([d.size for _, d in kept], np.int64).reshape(-1, 2),
+        sha256=np.array([d.sha256 for _, d in kept], str),
+        phash=np.array([d.phash for _, d in kept], np.uint64),
+        upscaled=np.array([d.cut_from < settings.size for _, d in kept], bool),
+        unusable=unusable, ignored=list(source.ignored), settings=settings)
 
 
-def _write_cache(path: Path, crops: CubCrops) -> None:
+_ARRAYS = ("images", "image_ids", "labels", "is_train", "keys", "modes", "sizes", "sha256", "phash", "upscaled")
+
+
+def _write_cache(path: Path, crops: Crops) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(temporary, images=crops.images, image_ids=crops.image_ids, labels=crops.labels,
-             is_train=crops.is_train, skipped=np.array(crops.skipped, dtype=str))
+    names = sorted(crops.class_names)
+    np.savez(temporary, **{name: getattr(crops, name) for name in _ARRAYS},
+             unusable=np.array(crops.unusable, dtype=str).reshape(-1, 2), ignored=np.array(crops.ignored, dtype=str),
+             class_ids=np.array(names, np.int64), class_names=np.array([crops.class_names[c] for c in names], str),
+             layout=np.array(crops.layout), dataset=np.array(crops.dataset))
     os.replace(temporary, path)
 
 
-def _read_cache(path: Path, meta: CubMetadata) -> CubCrops:
+def _read_cache(path: Path, source: Source, settings: CropSettings) -> Crops:
     with np.load(path, allow_pickle=False) as archive:
-        return CubCrops(
-            images=archive["images"], image_ids=archive["image_ids"], labels=archive["labels"],
-            is_train=archive["is_train"], class_names=dict(meta.class_names), cache_path=path,
-            skipped=[str(s) for s in archive["skipped"]],
-        )
+        arrays = {name: archive[name] for name in _ARRAYS}
+        names = dict(zip(archive["class_ids"].tolist(), archive["class_names"].tolist()))
+        return Crops(**arrays, class_names=names, layout=str(archive["layout"]), dataset=str(archive["dataset"]),
+                     unusable=[(str(k), str(r)) for k, r in archive["unusable"]],
+                     ignored=[str(k) for k in archive["ignored"]], settings=settings, cache_path=path)
 
 
 def random_flip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -367,18 +381,22 @@ def random_flip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return torch.where(flip[:, None, None, None], batch.flip(-1), batch)
 
 
-def summarize(crops: CubCrops, split: str = "official", seed: int = 0) -> str:
-    """Counts per split and per species, for `birdgen data prepare`."""
-    train = crops.split_indices(split, "train", seed)
-    test = crops.split_indices(split, "test", seed)
-    lines = [f"{len(crops)} images in {len(np.unique(crops.labels))} species"
-             f" ({split} split: {len(train)} train, {len(test)} test)"]
-    if crops.skipped:
-        lines.append(f"skipped {len(crops.skipped)} unreadable images")
-    train_counts = np.bincount(crops.labels[train], minlength=crops.labels.max() + 1)
-    test_counts = np.bincount(crops.labels[test], minlength=crops.labels.max() + 1)
-    for class_id in sorted(np.unique(crops.labels)):
-        name = crops.class_names.get(int(class_id), str(class_id))
-        lines.append(f"  {name:<40} train {train_counts[class_id]:>4}  test {test_counts[class_id]:>4}")
+def summarize(crops: Crops, split: str = "auto", seed: int = 0, test_fraction: float = 0.2) -> str:
+    """Counts per split and per class, for `birdgen data prepare`."""
+    split = resolve_split(split, crops.layout)
+    train = crops.split_indices(split, "train", seed, test_fraction)
+    test = crops.split_indices(split, "test", seed, test_fraction)
+    classes = np.unique(crops.labels)
+    word = "species" if crops.layout == "cub" else "classes"
+    lines = [f"{len(crops)} images" + (f" in {len(classes)} {word}" if crops.layout != "flat" else "")
+             + f" ({split} split: {len(train)} train, {len(test)} test)"]
+    if crops.unusable:
+        lines.append(f"left out {len(crops.unusable)} unreadable or too small pictures")
+    if crops.layout != "flat":
+        train_counts = np.bincount(crops.labels[train], minlength=crops.labels.max() + 1)
+        test_counts = np.bincount(crops.labels[test], minlength=crops.labels.max() + 1)
+        for class_id in classes:
+            name = crops.class_names.get(int(class_id), str(class_id))
+            lines.append(f"  {name:<40} train {train_counts[class_id]:>4}  test {test_counts[class_id]:>4}")
     lines.append(f"cache: {crops.cache_path}")
     return "\n".join(lines)

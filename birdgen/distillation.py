@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .data import load_crops, recover_split, require_split_record
+from .data import model_crops, recover_split
 from .guidance import GUIDE_WEIGHT_RANGE, GuidanceError, ResolvedGuidance, check_weight
 from .diffusion import DiffusionConfig, NoiseSchedule
 from .model_folder import BirdModel, ModelError, config_dict, load_model, save_model
@@ -287,12 +287,12 @@ def guide_record(teacher: BirdModel, guidance: ResolvedGuidance) -> dict:
 
 def teacher_crops(config: DistillConfig, teacher: BirdModel, crops, device: torch.device) -> torch.Tensor:
     """The teacher's own training crops (its split record), uint8 NHWC on `device`."""
-    if crops is None:
-        require_split_record(teacher.data, f"teacher {config.teacher}")
-        crops = load_crops(config.data, teacher.data.image_size, teacher.data.crop, teacher.data.padding,
-                           progress=config.progress)
+    where = f"teacher {config.teacher}"
     try:
-        train_indices, _ = recover_split(teacher.data, crops, f"teacher {config.teacher}")
+        if crops is None:
+            crops, train_indices, _ = model_crops(teacher.data, config.data, where)
+        else:
+            train_indices, _ = recover_split(teacher.data, crops, where)
     except ValueError as error:
         raise TrainingError(str(error)) from None
     return torch.from_numpy(crops.images[train_indices]).to(device)

@@ -23,7 +23,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from .data import CubCrops, cache_dir, recover_split, require_split_record, to_uint8
+from .data import Crops, cache_dir, model_crops, recover_split, to_uint8
 from .features import FEATURE_LABELS
 from .model_folder import METRICS_FILE, BirdModel, atomic_write_text, read_metrics_file
 from .pipeline import GenerationRequest, generate, model_sampling
@@ -186,7 +186,7 @@ def memorization_report(sets: MemorizationSets, percentile: float = NEAR_COPY_PE
     return report
 
 
-def real_features(crops: CubCrops, indices: np.ndarray, extractor: nn.Module, identity: str, batch_size: int,
+def real_features(crops: Crops, indices: np.ndarray, extractor: nn.Module, identity: str, batch_size: int,
                   device, progress: Progress | None, mirrored: bool = False, cache: bool = True) -> torch.Tensor:
     """Features of real crops (mirrored left-right if asked), cached by (crop cache, indices, extractor)."""
     key = hashlib.sha256(json.dumps([str(crops.cache_path), indices.tolist(), identity, mirrored]).encode())
@@ -296,7 +296,7 @@ def species_accuracy(train_features: torch.Tensor, train_labels: np.ndarray, hel
     return result
 
 
-def evaluate(model: BirdModel, crops: CubCrops, settings: EvalSettings, extractor: nn.Module, identity: str,
+def evaluate(model: BirdModel, crops: Crops, settings: EvalSettings, extractor: nn.Module, identity: str,
              feature_space: str, progress: Progress | None = None) -> Evaluation:
     """Generates settings.num_samples birds and scores them against the real crops of the
     model's own split."""
@@ -376,7 +376,7 @@ def evaluate(model: BirdModel, crops: CubCrops, settings: EvalSettings, extracto
     return Evaluation(result, pairs if settings.memorization else [])
 
 
-def sets_image(crops: CubCrops, train_indices: np.ndarray, index: int) -> np.ndarray:
+def sets_image(crops: Crops, train_indices: np.ndarray, index: int) -> np.ndarray:
     """The training crop behind row `index` of MemorizationSets.train_* (mirrored in the second half)."""
     image = crops.images[train_indices[index % len(train_indices)]]
     return np.ascontiguousarray(image[:, ::-1]) if index >= len(train_indices) else image
@@ -384,9 +384,9 @@ def sets_image(crops: CubCrops, train_indices: np.ndarray, index: int) -> np.nda
 
 def describe_split(record: DataRecord, reference: str, count: int) -> str:
     part = "held-out" if reference == "heldout" else "training"
-    if record.split == "random":
-        return (f"{count} {part} crops of {record.dataset} (random split, seed {record.seed},"
-                f" {record.test_fraction:.0%} held out)")
+    if record.split in ("random", "stratified"):
+        return (f"{count} {part} crops of {record.dataset} ({record.split} split, seed {record.seed},"
+                f" {record.test_fraction:.0%} held out{' of each class' if record.split == 'stratified' else ''})")
     return f"{count} {part} crops of {record.dataset} (official train/test split)"
 
 
@@ -439,7 +439,6 @@ def run_evaluation(model: BirdModel, data_root: str | os.PathLike, settings: Eva
                    notify: Callable[[str], None] | None = None) -> Evaluation:
     """`birdgen eval` and the Metrics page: picks the feature space (failing before any work),
     loads the crops the model trained on, checks its split, then `evaluate`s."""
-    from .data import load_crops
     from .features import choose_feature_space, load_extractor
 
     settings.validate()
@@ -447,10 +446,7 @@ def run_evaluation(model: BirdModel, data_root: str | os.PathLike, settings: Eva
     if notify:
         notify(note)
     extractor = load_extractor(feature_space, inception_weights)
-    where = str(model.path or model.name)
-    require_split_record(model.data, where)
-    crops = load_crops(data_root, model.network_config.image_size, model.data.crop, model.data.padding, progress=False)
-    recover_split(model.data, crops, where)  # a wrong dataset fails before generating
+    crops = model_crops(model.data, data_root, str(model.path or model.name))[0]  # a wrong dataset fails here
     return evaluate(model, crops, settings, extractor, extractor.identity, feature_space, progress)
 
 

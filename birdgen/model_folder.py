@@ -82,6 +82,11 @@ class BirdModel:
     def conditional(self) -> bool:
         return self.network_config.num_classes > 0
 
+    @property
+    def class_word(self) -> str:
+        """What its classes are called on pages and in messages: CUB's are species, a folder's classes."""
+        return "species" if self.data is None or self.data.is_cub else "class"
+
     def resolve_guidance(self, species_weight: float | None = None, guide_weight: float | None = None,
                          interval: tuple[int, int] | None = None) -> ResolvedGuidance:
         """The guidance a generation runs with: what it asks for, else this model's defaults."""
@@ -148,6 +153,7 @@ def config_dict(network_config: UNetConfig, diffusion_config: DiffusionConfig, *
 def atomic_write_text(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with writing(path, "the file", temporary):
+        path.parent.mkdir(parents=True, exist_ok=True)
         temporary.write_text(text)
         os.replace(temporary, path)
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 
 from .model_folder import CARD_FILE, METRICS_FILE, atomic_write_text, load_model, read_config, read_metrics_file
-from .data import load_crops, split_record
+from .data import Crops, split_record
 from .diffusion import heldout_loss
 from .guidance import GUIDE_WEIGHT, NO_GUIDE, SPECIES_WEIGHT, GuidanceRecord
 from .samplers import DDIMSampler, initial_noise, run_to_end
 from .records import DistillationRecord
 from .run_folder import read_metrics
-from .training_loop import TrainConfig, export_run
+from .training_loop import TrainConfig, export_run, run_crops
 from .utils import save_grid
 
 GRID_SEED = 0
@@ -147,10 +147,10 @@ def export_with_card(run_dir: str | os.PathLike, out: str | os.PathLike, half: b
     weights, else the optimizer's own."""
     run_dir, out = Path(run_dir), Path(out)
     config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    crops = load_crops(config.data, config.image_size, config.crop, config.padding, progress=False)
+    crops = run_crops(config)
     guidance = guidance_record_for_export(out, guide, guide_weight, interval)
-    export_run(run_dir, out, half=half, data=split_record(crops, config.data, config.crop, config.padding, config.split,
-                                                           config.seed, config.test_fraction, config.train_on),
+    export_run(run_dir, out, half=half, data=split_record(crops, config.split, config.seed, config.test_fraction,
+                                                           config.train_on),
                guidance=guidance, step=step, averaged=averaged)
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     model = load_model(out)
@@ -169,7 +169,7 @@ def export_with_card(run_dir: str | os.PathLike, out: str | os.PathLike, half: b
         held = crops.split_indices(config.split, "test", config.seed, config.test_fraction)[: 64 * heldout_batches]
         losses = heldout_loss(model.network, model.schedule, crops.tensor(held))
         steps = list(losses)
-        heldout_text = (f"Noise-prediction MSE on {len(held)} held-out crops ({config.split} split, never trained on),"
+        heldout_text = (f"Noise-prediction MSE on {len(held)} held-out crops ({model.data.split} split, never trained on),"
                         " fixed noise, seed 0:\n\n| timestep | " + " | ".join(str(t) for t in steps)
                         + " | mean |\n|---|" + "---|" * (len(steps) + 1) + "\n| MSE | "
                         + " | ".join(f"{losses[t]:.4f}" for t in steps)
@@ -179,14 +179,14 @@ def export_with_card(run_dir: str | os.PathLike, out: str | os.PathLike, half: b
     trained = model.training  # written by export_run from the checkpoint
     card = f"""# {out.name}
 
-A birdgen diffusion model that generates {config.image_size}×{config.image_size} birds, trained on
-CUB-200-2011 crops ({config.crop} crops around the bounding box, {config.padding:.0%} margin).
+A birdgen diffusion model that generates {config.image_size}×{config.image_size} images, trained on
+{crops_description(crops)}.
 
 | | |
 |---|---|
-| network | preset `{config.preset}`{'' if config.attention is None else f', attention {"on" if config.attention else "off"}'}, {model.parameter_count:,} parameters, self-attention at {', '.join(f'{r}×{r}' for r in model.network_config.attention_resolutions) or 'no resolution'} |
-| diffusion | {config.schedule} schedule, {config.noise_steps} steps, {config.prediction} prediction{f', min-SNR-{config.min_snr_gamma:g} weighting' if config.min_snr_gamma else ''} |
-| data | {run.get('train_images', '?')} training crops from `{Path(config.data).name}` ({config.split} split, part `{config.train_on}`{f', {config.test_fraction:.0%} held out' if config.split == 'random' else ''}) |
+| network | {network_description(config)}, {model.parameter_count:,} parameters, self-attention at {', '.join(f'{r}×{r}' for r in model.network_config.attention_resolutions) or 'no resolution'} |
+| diffusion | {model.diffusion_config.schedule} schedule, {model.diffusion_config.num_steps} steps, {model.diffusion_config.prediction} prediction{f', min-SNR-{config.min_snr_gamma:g} weighting' if config.min_snr_gamma else ''} |
+| data | {run.get('train_images', '?')} training crops from `{crops.dataset}` ({model.data.split} split, part `{config.train_on}`{f', {config.test_fraction:.0%} held out' if model.data.split != 'official' else ''}{f'; {len(crops.unusable)} unusable pictures left out' if crops.unusable else ''}) |
 | training | {trained.steps:,} steps of batch {config.batch_size} = {trained.images_seen:,} images seen, AdamW lr {config.lr:g}, EMA {config.ema_decay} |
 | wall time | {trained.train_hours:.2f} h of training steps on {'; '.join([run.get('machine', 'unknown hardware'), *run.get('also_trained_on', [])])} |
 | final training loss | {final_loss:.4f} (mean of the last {min(10, len(records))} logged intervals) |
@@ -215,6 +215,25 @@ DDIM, 50 steps, seed {GRID_SEED}{f", species 1, 2, 3, … in reading order, guid
     return out
 
 
+def crops_description(crops: Crops) -> str:
+    """What the card says the model learned from."""
+    settings = crops.settings
+    if crops.layout == "cub":
+        where = "around the bounding box" + (f", {settings.padding:.0%} margin" if settings.crop == "square" else "") \
+            if settings.crop in ("square", "bbox") else "ignoring the bounding boxes"
+        return f"CUB-200-2011 crops ({settings.crop} crops {where})"
+    kind = f"{len(crops.class_names)} class folders" if crops.layout == "class-folders" else "no classes"
+    how = "the middle square of each picture" if settings.crop == "center" else "each whole picture padded to a square"
+    return f"the pictures of `{crops.dataset}` ({kind}; {settings.crop} crops: {how})"
+
+
+def network_description(config: TrainConfig) -> str:
+    if config.init_from:
+        return f"fine-tuned from `{Path(config.init_from).name}` (its network and noise schedule)"
+    attention = '' if config.attention is None else f', attention {"on" if config.attention else "off"}'
+    return f"preset `{config.preset}`{attention}"
+
+
 def command_flags(config: TrainConfig) -> str:
     """The `birdgen train` flags that reproduce config's non-default settings."""
     defaults, flags = TrainConfig(), []
@@ -238,12 +257,14 @@ def species_section(model) -> str:
     from .species import readable
 
     rows = "\n".join(f"| {class_id} | {readable(name)} |" for class_id, name in model.species)
-    return f"""## Species
-A class-conditional model with classifier-free guidance: it knows {len(model.species)} species (and "any
-species"). Ask for one by id or name, e.g.
+    word = model.class_word
+    known = f"{len(model.species)} species" if word == "species" else f"{len(model.species)} classes (one per folder)"
+    return f"""## {word.capitalize()}
+A class-conditional model with classifier-free guidance: it knows {known} (and "any
+{word}"). Ask for one by id or name, e.g.
 `birdgen sample --model THIS_FOLDER --species {model.species[0][0]} --guidance {model.resolve_guidance().species_weight:g}`.
 
-| id | species |
+| id | {word} |
 |---|---|
 {rows}
 
@@ -346,6 +367,31 @@ def earlier_rows(record: DistillationRecord) -> str:
                     f" `{record.distilled_teacher or '?'}` |")
         record, earlier = earlier, earlier.earlier
     return "".join(row + "\n" for row in reversed(rows))
+
+
+def export_any_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = True, heldout_batches: int = 4,
+                   student_steps: int | None = None, guide: str | None = None, guide_weight: float | None = None,
+                   interval: str | None = None, step: int | None = None, guides: str | None = None,
+                   averaged: bool = True) -> Path:
+    """`birdgen export` and the Train page's Export: a distillation run's student, or a training
+    run's weights (see `export_with_card`); `interval` as typed ("200,999" or "all")."""
+    from .guidance import parse_interval
+    from .run_folder import TrainingError
+
+    run_dir = Path(run_dir)
+    run_info = run_dir / "run.json"
+    if not (run_dir / "config.json").is_file():
+        raise TrainingError(f"{run_dir}: not a run folder (no config.json)")
+    if run_info.is_file() and json.loads(run_info.read_text()).get("kind") == "distillation":
+        if not averaged:
+            raise TrainingError(f"{run_dir}: --raw-weights applies to training runs, not to a distillation run")
+        return export_student_with_card(run_dir, out, student_steps, half=half)
+    if student_steps is not None:
+        raise TrainingError(f"{run_dir}: --steps picks a student of a distillation run; this is a training run")
+    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    steps = parse_interval(interval, config.diffusion_config().num_steps) if interval else None
+    return export_with_card(run_dir, out, half=half, heldout_batches=heldout_batches, guide=guide,
+                            guide_weight=guide_weight, interval=steps, step=step, guides=guides, averaged=averaged)
 
 
 def export_student_with_card(run_dir: str | os.PathLike, out: str | os.PathLike, steps: int | None = None,

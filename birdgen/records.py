@@ -51,17 +51,23 @@ class DataRecord(Record):
     """The crops and split a model trained on: enough to rebuild its training and held-out crops
     exactly from the same dataset (checked by a digest of the training image ids)."""
     KEY = "data"
-    dataset: str  # the dataset folder's name
+    dataset: str  # the dataset folder's (or zip's) name
     num_images: int
     image_size: int  # crop side in pixels
-    crop: str  # "square" or "bbox"
+    crop: str  # "square", "bbox" (around CUB's boxes), "center" or "full"
     padding: float  # square crops' margin around the bounding box, as a fraction of its side
-    split: str  # "official" or "random"
+    split: str  # "official", "random" or "stratified"
     seed: int
-    test_fraction: float  # random split: share held out
+    test_fraction: float  # random and stratified splits: share held out
     train_on: str  # "train" or "all"
     num_train: int
     train_ids_sha256: str
+    layout: str | None = None  # "cub", "class-folders" or "flat"; unset in records written before folders: cub
+    background: str | None = None  # what transparent pictures were composited onto; unset: white
+
+    @property
+    def is_cub(self) -> bool:
+        return self.layout in (None, "cub")
 
 
 @dataclass(frozen=True)

@@ -39,12 +39,15 @@ def resolve_species(model: BirdModel, text: str) -> int:
     require_species_model(model)
     text = str(text).strip()
     names = species_names(model)
+    written = [i for i, (_, name) in enumerate(model.species) if name == text]  # a class folder's name as it is
+    if written:
+        return written[0]
     if text.isdigit():
         index = species_index(model, int(text))
         if index is not None:
             return index
         known = ", ".join(str(c) for c, _ in model.species[:5])
-        raise SpeciesError(f"species id {text} is not one of the {len(names)} this model knows ({known}, …;"
+        raise SpeciesError(f"{model.class_word} id {text} is not one of the {len(names)} this model knows ({known}, …;"
                            " see `birdgen species`)")
     wanted = text.lower().replace("_", " ")
     exact = [i for i, name in enumerate(names) if name.lower() == wanted]
@@ -52,8 +55,8 @@ def resolve_species(model: BirdModel, text: str) -> int:
     if exact or len(partial) == 1:
         return (exact or partial)[0]
     if partial:
-        raise SpeciesError(f"species {text!r} matches several: {', '.join(names[i] for i in partial[:8])}")
+        raise SpeciesError(f"{model.class_word} {text!r} matches several: {', '.join(names[i] for i in partial[:8])}")
     close = difflib.get_close_matches(wanted, [n.lower() for n in names], n=5, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(names[[n.lower() for n in names].index(c)]) for c in close)}?" if close \
         else "; see `birdgen species --model …`"
-    raise SpeciesError(f"unknown species {text!r}{hint}")
+    raise SpeciesError(f"unknown {model.class_word} {text!r}{hint}")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,9 +14,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .model_folder import atomic_write_text
-from .data import read_metadata
+from .model_folder import CONFIG_FILE, atomic_write_text
+from .utils import writing
 from .networks import PRESETS
+from .sources import open_source
+from .training_loop import FINE_TUNE_DEFAULTS, TrainConfig
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 JOB_FILE = ".app-training.json"
@@ -28,42 +32,63 @@ def runs_dir() -> Path:
     return Path(os.environ.get("BIRDGEN_RUNS_DIR") or "runs")
 
 
+# The Train page's ranges: (low, high) for each number it takes.
+FORM_LIMITS = {"batch_size": (1, 1024), "steps": (1, 10_000_000), "checkpoint_every": (1, 10_000_000),
+               "sample_every": (1, 10_000_000), "max_minutes": (0, 100_000)}
+LR_RANGE = (1e-6, 0.1)
+
+
 @dataclass
 class TrainForm:
-    """The settings the app's Train page offers, with their allowed ranges."""
+    """The settings the app's Train page offers, with their allowed ranges (FORM_LIMITS, LR_RANGE).
+    `init_from` a model folder fine-tunes it (its network and noise settings come with it, and
+    `preset`, `attention` and `schedule` do not apply); empty trains from scratch."""
 
     data: str
     run_name: str
     preset: str = "small"
     attention: bool = False
-    batch_size: int = 32  # 1 … 1024
-    lr: float = 3e-4  # (0, 0.1]
-    steps: int = 2000  # 1 … 10,000,000
+    batch_size: int = 32
+    lr: float = TrainConfig.lr
+    steps: int = 2000
     schedule: str = "cosine"
     checkpoint_every: int = 250
     sample_every: int = 250
+    init_from: str = ""
+    conditional: bool = False
+    max_minutes: float = 0.0  # 0: until `steps`
+    skip_unreadable: bool = False
+
+    @classmethod
+    def fine_tune(cls, data: str, run_name: str, init_from: str, conditional: bool) -> "TrainForm":
+        """The form's defaults for a fine-tune: FINE_TUNE_DEFAULTS, as `birdgen train --init-from` has them."""
+        chosen = {k: FINE_TUNE_DEFAULTS[k] for k in ("lr", "steps", "max_minutes", "checkpoint_every", "sample_every")}
+        return cls(data, run_name, init_from=init_from, conditional=conditional, **chosen)
 
     def validate(self) -> None:
         if not RUN_NAME.match(self.run_name):
             raise ValueError(f"run name {self.run_name!r}: use letters, digits, '-', '_' or '.' (at most 64)")
-        read_metadata(self.data)  # raises DatasetError naming the missing or broken file
+        open_source(self.data)  # raises DatasetError naming the missing or broken file
+        if self.init_from and not (Path(self.init_from) / CONFIG_FILE).is_file():
+            raise ValueError(f"start from {self.init_from}: not a model folder (no {CONFIG_FILE})")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}")
-        limits = {"batch_size": (1, 1024), "steps": (1, 10_000_000), "checkpoint_every": (1, 10_000_000),
-                  "sample_every": (1, 10_000_000)}
-        for name, (low, high) in limits.items():
+        for name, (low, high) in FORM_LIMITS.items():
             if not low <= getattr(self, name) <= high:
                 raise ValueError(f"{name} {getattr(self, name)} out of range [{low}, {high}]")
-        if not 0 < self.lr <= 0.1:
-            raise ValueError(f"learning rate {self.lr} out of range (0, 0.1]")
+        if not LR_RANGE[0] <= self.lr <= LR_RANGE[1]:
+            raise ValueError(f"learning rate {self.lr} out of range [{LR_RANGE[0]:g}, {LR_RANGE[1]:g}]")
         if self.schedule not in ("cosine", "linear"):
             raise ValueError(f"unknown schedule {self.schedule!r}")
 
     def arguments(self) -> list[str]:
-        return ["--data", str(Path(self.data).resolve()), "--preset", self.preset,
-                "--attention" if self.attention else "--no-attention", "--batch-size", str(self.batch_size),
-                "--lr", repr(self.lr), "--steps", str(self.steps), "--schedule", self.schedule,
-                "--checkpoint-every", str(self.checkpoint_every), "--sample-every", str(self.sample_every),
+        network = ["--init-from", str(Path(self.init_from).resolve())] if self.init_from else [
+            "--preset", self.preset, "--attention" if self.attention else "--no-attention", "--schedule", self.schedule]
+        return ["--data", str(Path(self.data).resolve()), *network, "--batch-size", str(self.batch_size),
+                "--lr", repr(self.lr), "--steps", str(self.steps), "--checkpoint-every", str(self.checkpoint_every),
+                "--sample-every", str(self.sample_every), "--max-minutes", repr(float(self.max_minutes)),
+                "--conditional" if self.conditional else "--no-conditional",
+                *(["--skip-unreadable"] if self.skip_unreadable else []),
                 "--log-every", str(APP_LOG_EVERY), "--no-progress"]
 
 
@@ -111,7 +136,9 @@ def current_job() -> Job | None:
 def last_job() -> Job | None:
     path = runs_dir() / JOB_FILE
     try:
-        return Job(**json.loads(path.read_text()))
+        job = Job(**json.loads(path.read_text()))
+        TrainForm(**job.form)  # a job file written by an older form is no job of this page's
+        return job
     except (OSError, ValueError, TypeError):
         return None
 
@@ -159,13 +186,59 @@ def log_tail(job: Job, lines: int = 30) -> str:
         return ""
 
 
-def progress_text(records: list[dict], total_steps: int, batch_size: int) -> str:
-    """'step S of N · X images/s · about M min left · loss L' from a run's metrics records."""
+def progress_text(records: list[dict], total_steps: int, batch_size: int, max_minutes: float = 0.0,
+                  elapsed_s: float | None = None) -> str:
+    """'step S of N · X images/s · about M min left · loss L' from a run's metrics records (the
+    time left is the sooner of the steps' end and the `max_minutes` window, `elapsed_s` into it)."""
     latest = records[-1]
     left_s = (total_steps - latest["step"]) * batch_size / max(latest["images_per_s"], 1e-9)
+    if max_minutes and elapsed_s is not None:
+        left_s = max(0.0, min(left_s, 60 * max_minutes - elapsed_s))
     left = f"{left_s / 60:.0f} min" if left_s >= 90 else f"{left_s:.0f} s"
     return (f"step {latest['step']:,} of {total_steps:,} · {latest['images_per_s']:.1f} images/s · about {left} left ·"
             f" loss {latest['loss']:.4f} · {latest['images_seen']:,} images seen")
+
+
+UPLOAD_LIMIT_MB = 200  # the largest zip the Train page takes (Streamlit's own default upload limit)
+
+
+def save_upload(name: str, data: bytes) -> Path:
+    """An uploaded zip, kept in the cache directory under its content hash (never extracted:
+    `sources.ZipSource` reads it in place), so that the run that trains on it can read it too."""
+    from .data import cache_dir
+
+    if len(data) > UPLOAD_LIMIT_MB * 2**20:
+        raise ValueError(f"{name}: {len(data) / 2**20:.0f} MB, over the {UPLOAD_LIMIT_MB} MB upload limit")
+    if not name.lower().endswith(".zip"):
+        raise ValueError(f"{name}: upload a .zip of your picture folder")
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(name).stem)[:48] or "pictures"
+    path = cache_dir() / "uploads" / f"{hashlib.sha256(data).hexdigest()[:12]}" / f"{stem}.zip"
+    if not path.is_file():
+        temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        with writing(path, "the uploaded zip", temporary):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_bytes(data)
+            os.replace(temporary, path)
+    return path
+
+
+def export_to_models(run_dir: str | os.PathLike, name: str, models: Path) -> Path:
+    """The Train page's Export: the run's latest EMA weights as models/NAME (a new folder only:
+    a model that is there already is never replaced from the page)."""
+    from .modelcard import export_any_run
+
+    if not RUN_NAME.match(name):
+        raise ValueError(f"model name {name!r}: use letters, digits, '-', '_' or '.' (at most 64)")
+    target = models / name
+    if target.exists():
+        raise ValueError(f"{target} already exists: choose another name")
+    staging = models / f".exporting-{os.getpid()}"  # hidden from the pickers until it is whole
+    try:
+        export_any_run(run_dir, staging / name)
+        os.replace(staging / name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def run_folders() -> list[Path]:

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .model_folder import config_dict, save_model
-from .data import CubCrops, load_crops, random_flip, to_model_range
+from .data import CROP_MODES, SPLITS, Crops, load_crops, random_flip, to_model_range
+from .sources import parse_background
 from .diffusion import DiffusionConfig, DiffusionLoss, NoiseSchedule
 from .guidance import SPECIES_WEIGHT
 from .networks import UNet, UNetConfig, parameter_count, preset
@@ -29,21 +30,28 @@ from .utils import dataclass_from_dict, machine_description, resolve_device
 # Settings that may change when a run is resumed; any other difference means another run.
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_threads",
                      "log", "progress", "compile", "max_nonfinite", "device", "precision", "channels_last",
-                     "sync_free", "max_minutes"}
+                     "sync_free", "max_minutes", "skip_unreadable"}
+# What a fine-tune (`init_from`) starts with where the command does not say: the recipe of the
+# shipped models (v-prediction came with the folder; min-SNR-5 weighting, as they were trained),
+# a short warm-up, and a window of wall time that fits a session on 2 CPU cores.
+FINE_TUNE_DEFAULTS = {"min_snr_gamma": 5.0, "lr": 2e-4, "warmup_steps": 50, "steps": 3000, "max_minutes": 15.0,
+                      "checkpoint_every": 250, "sample_every": 500}
 
 
 @dataclass
 class TrainConfig:
     # Data
-    data: str = ""  # CUB_200_2011 root
+    data: str = ""  # a CUB_200_2011 root, a folder of pictures (flat, or one folder per class) or a .zip of one
     image_size: int = 64  # crop side in pixels
-    crop: str = "square"  # "square" or "bbox"
+    crop: str = "auto"  # "auto" (square for CUB, center for folders), "square"/"bbox" (CUB's boxes), "center", "full"
     padding: float = 0.1  # square crops: margin around the bounding box, as a fraction of its side
-    split: str = "official"  # "official" or "random" (seeded, test_fraction held out)
+    background: str = "white"  # what transparent pictures are composited onto: white, black, gray or #rrggbb
+    split: str = "auto"  # "auto" (official for CUB, stratified for class folders, else random), "official", "random", "stratified"
     train_on: str = "train"  # "train" part of the split, or "all" images
-    test_fraction: float = 0.2  # random split: share of images held out, 0-1
+    test_fraction: float = 0.2  # random and stratified splits: share of images (of each class) held out, 0-1
+    skip_unreadable: bool = False  # train without the pictures that cannot be decoded (else such a folder is refused)
     # Network
-    preset: str = "small"  # U-Net preset (see `birdgen presets`)
+    preset: str = "small"  # U-Net preset (see `birdgen presets`); with init_from, that folder's network instead
     attention: bool | None = None  # self-attention: unset keeps the preset's, false removes it, true adds it at 8x8
     dropout: float | None = None  # dropout rate, 0-1; unset keeps the preset's
     channels: tuple[int, ...] | None = None  # feature channels per level; unset keeps the preset's
@@ -51,7 +59,7 @@ class TrainConfig:
     conditional: bool = False  # condition the network on the species label
     label_dropout: float = 0.1  # share of labels replaced by "no species" during training
     class_lr_scale: float = 25.0  # the class embedding's learning rate, in multiples of lr (it starts at zero)
-    init_from: str = ""  # model folder to start from (an unconditional one gets a zero class embedding)
+    init_from: str = ""  # model folder to fine-tune: its network and noise settings too; new classes start from zero
     # Diffusion (the report's Table 1: 1000 steps, cosine schedule with s = 0.008)
     schedule: str = "cosine"  # noise schedule: "cosine" or "linear"
     noise_steps: int = 1000  # T, the number of training noise steps
@@ -69,7 +77,7 @@ class TrainConfig:
     seed: int = 0  # seeds the split, initialisation, batches, noise and timesteps
     # Machine
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
-    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
+    precision: str = "auto"  # "auto" (bf16 on CUDA and on CPUs with native bf16, else fp32), "fp32", "bf16", "fp16"
     channels_last: bool = True  # NHWC memory layout (faster convolutions on CPUs and GPUs)
     compile: bool = False  # torch.compile the training step
     sync_free: bool | None = None  # steps that never wait for the host (skips decided on the GPU); unset: on for CUDA
@@ -104,21 +112,28 @@ class TrainConfig:
             raise TrainingError(f"class_lr_scale must be positive (got {self.class_lr_scale})")
         if not 0 <= self.label_dropout <= 1:
             raise TrainingError(f"label_dropout {self.label_dropout} out of range [0, 1]")
-        if self.init_from and not (Path(self.init_from) / "config.json").is_file():
-            raise TrainingError(f"init_from {self.init_from}: not a model folder (no config.json)")
         choices = {"lr_schedule": ("constant", "cosine"), "precision": ("auto", "fp32", "bf16", "fp16"),
-                   "log": ("none", "tensorboard", "wandb"), "train_on": ("train", "all"),
-                   "split": ("official", "random"), "crop": ("square", "bbox")}
+                   "log": ("none", "tensorboard", "wandb"), "train_on": ("train", "all"), "split": SPLITS,
+                   "crop": ("auto", *CROP_MODES)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise TrainingError(f"{name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
-        if self.sample_steps > self.noise_steps:
-            raise TrainingError(f"sample_steps {self.sample_steps} exceeds noise_steps {self.noise_steps}")
+        if self.init_from and (self.channels is not None or self.attention is not None):
+            raise TrainingError(f"init_from {self.init_from} brings its own network; drop channels and attention")
+        if self.init_from:
+            differing = [f"{k} {getattr(self, k)!r} (it has {v!r})" for k, v in self.base_settings().items()
+                         if getattr(self, k) != v]
+            if differing:
+                raise TrainingError(f"init_from {self.init_from} brings its own image size and noise settings; this"
+                                    f" run sets {', '.join(differing)}")
         try:
             self.network_config()
-            self.diffusion_config()
+            diffusion = self.diffusion_config()
+            parse_background(self.background)
         except ValueError as error:
             raise TrainingError(str(error)) from None
+        if self.sample_steps > diffusion.num_steps:
+            raise TrainingError(f"sample_steps {self.sample_steps} exceeds noise_steps {diffusion.num_steps}")
 
     @property
     def effective_lr(self) -> float:
@@ -129,6 +144,15 @@ class TrainConfig:
         return self.lr * math.sqrt(self.batch_size / self.lr_reference_batch)
 
     def network_config(self) -> UNetConfig:
+        """The preset with this run's changes, or with init_from that folder's network (its classes
+        are this run's own)."""
+        if self.init_from:
+            network = self.base_model()[0]
+            changes = {"num_classes": 0} | ({"dropout": self.dropout} if self.dropout is not None else {})
+            if network.image_size != self.image_size:
+                raise TrainingError(f"init_from {self.init_from} makes {network.image_size}-pixel images; set"
+                                    f" image_size {network.image_size}")
+            return dataclasses.replace(network, **changes)
         overrides = {"image_size": self.image_size}
         if self.attention is not None:
             base = preset(self.preset)
@@ -140,7 +164,26 @@ class TrainConfig:
         return preset(self.preset, **overrides)
 
     def diffusion_config(self) -> DiffusionConfig:
+        """The schedule and prediction target: this run's settings, or with init_from that folder's."""
+        if self.init_from:
+            return self.base_model()[1]
         return DiffusionConfig(schedule=self.schedule, num_steps=self.noise_steps, prediction=self.prediction)
+
+    def base_settings(self) -> dict:
+        """The settings of this config that the init_from folder decides, as that folder has them."""
+        network, diffusion = self.base_model()
+        return {"image_size": network.image_size, "schedule": diffusion.schedule, "noise_steps": diffusion.num_steps,
+                "prediction": diffusion.prediction}
+
+    def base_model(self) -> tuple[UNetConfig, DiffusionConfig]:
+        """The network and diffusion settings of the init_from folder (a one-line error if it is none)."""
+        from .model_folder import ModelError, read_config
+
+        try:
+            network, diffusion, _ = read_config(Path(self.init_from))
+        except ModelError as error:
+            raise TrainingError(f"init_from: {error}") from None
+        return network, diffusion
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
@@ -285,11 +328,14 @@ class Distributed:
 
 
 def resolve_precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain float32."""
+    """The autocast dtype, or None for plain float32. auto on a CPU is bf16 where the CPU has
+    native bf16 (its loss curve follows float32's; BENCHMARKS.md, "bf16 training"), else float32."""
+    from .precision import cpu_has_native_bf16
+
     if config.precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     if config.precision == "fp32":
         return None
     if device.type == "cpu" and config.precision == "fp16":
@@ -345,17 +391,37 @@ def new_train_state(config: TrainConfig, network_config: UNetConfig, num_images:
     return TrainState(model, ema, optimizer, scheduler, scaler, generator, stream, device)
 
 
-def training_images(config: TrainConfig, crops: CubCrops | None, device: torch.device, progress: bool):
+def run_crops(config: TrainConfig, progress: bool = False) -> Crops:
+    """The crops a run trains on, decoded up front (so no file can stop it later); a set with
+    unusable pictures is refused in one line, with their count and the check report's path, unless
+    the run skips them."""
+    from .datacheck import refusal
+
+    try:
+        crops = load_crops(config.data, config.image_size, config.crop, config.padding, config.background,
+                           progress=progress)
+    except (ValueError, OSError) as error:
+        raise TrainingError(str(error)) from None
+    if crops.unusable and not config.skip_unreadable:
+        raise TrainingError(refusal(crops, config.data))
+    return crops
+
+
+def training_images(config: TrainConfig, crops: Crops | None, device: torch.device, progress: bool):
     """The training part's crops (uint8 NHWC on `device`), and for a species model their class
     indices and the species list [[class id, name], …] in class-id order (index len(species) = none)."""
-    crops = crops if crops is not None else load_crops(config.data, config.image_size, config.crop, config.padding,
-                                                       progress=progress)
+    crops = crops if crops is not None else run_crops(config, progress)
+    if config.conditional and crops.layout == "flat":
+        raise TrainingError(f"{config.data}: a flat folder has no classes to condition on; put each class's pictures"
+                            " in a folder of its own, or train without --conditional")
     part = "all" if config.train_on == "all" else "train"
     indices = crops.split_indices(config.split, part, config.seed, config.test_fraction)
     images = torch.from_numpy(crops.images[indices]).to(device)  # converted to the model's range per batch
     if not config.conditional:
         return images, None, []
     species = [[int(c), crops.class_names.get(int(c), str(c))] for c in sorted(set(crops.labels.tolist()))]
+    if len(species) < 2:
+        raise TrainingError(f"{config.data}: one class only ({species[0][1]}); a conditional model needs two or more")
     index_of = {class_id: index for index, (class_id, _) in enumerate(species)}
     labels = torch.tensor([index_of[int(c)] for c in crops.labels[indices]], dtype=torch.long)
     return images, labels, species
@@ -444,7 +510,7 @@ def preview_images(network: torch.nn.Module, schedule: NoiseSchedule, config, im
 
 
 def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
-          crops: CubCrops | None = None) -> Path:
+          crops: Crops | None = None) -> Path:
     """Trains until `config.steps`; returns the last checkpoint. Safe to stop at any time."""
     config.validate()
     world, device = start_processes(config)
@@ -531,9 +597,10 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def initialise_from(model: UNet, folder: str, diffusion_config: DiffusionConfig) -> None:
-    """Starts `model` from a model folder's weights: the same network, except that a
-    conditional model may start from an unconditional one, whose missing class embedding
-    stays zero, so the new model begins exactly as the old one."""
+    """Starts `model` from a model folder's weights: the same network, except for the class
+    embedding. Where the classes differ (an unconditional folder, or other classes) the new
+    embedding starts at zero, so the new model begins exactly as the old one's unconditional
+    prediction and learns its classes from there."""
     from .model_folder import ModelError, load_model
 
     try:
@@ -548,10 +615,12 @@ def initialise_from(model: UNet, folder: str, diffusion_config: DiffusionConfig)
     if source.diffusion_config != diffusion_config:
         raise TrainingError(f"init_from {folder}: it was trained with another noise schedule or prediction target"
                             f" ({source.diffusion_config.schedule}, {source.diffusion_config.prediction}); use the same")
-    if source.network_config.num_classes not in (0, model.config.num_classes):
-        raise TrainingError(f"init_from {folder}: it knows {source.network_config.num_classes} species, this run"
-                            f" {model.config.num_classes}")
     state = source.network.state_dict()
+    if source.network_config.num_classes != model.config.num_classes or not model.config.num_classes:
+        embedding = state.pop("class_embedding.weight", None)
+        if embedding is not None and model.config.num_classes:  # every new class starts as their "no class"
+            with torch.no_grad():
+                model.class_embedding.weight.copy_(embedding[-1].expand_as(model.class_embedding.weight))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(key != "class_embedding.weight" for key in missing):
         raise TrainingError(f"init_from {folder}: weights do not fit ({len(missing)} missing, {len(unexpected)}"

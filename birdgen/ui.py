@@ -86,7 +86,7 @@ def available_models() -> list[Path]:
     root = models_dir()
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file())
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / CONFIG_FILE).is_file())
 
 
 def cached_model(path: str, device_name: str) -> BirdModel:
@@ -294,6 +294,42 @@ def run_queued(steps, label: str = "Denoising", cancel_key: str | None = None):
         bar.empty()
         cancel_slot.empty()
     return final
+
+
+def checked_pictures(path: str):
+    """The check report of the pictures at `path` (decoded once into the crop cache, as training
+    will), shown as counts, advice, what cannot be used and the preview; None, with the reason
+    shown, where the path holds no usable set of pictures."""
+    from .data import DatasetError
+    from .sources import open_source
+
+    try:
+        report = _check_report(path, open_source(path).fingerprint())
+    except (DatasetError, ValueError, OSError) as error:
+        st.error(str(error))
+        return None
+    columns = st.columns(4)
+    columns[0].metric("Pictures", f"{report.decoded:,}")
+    columns[1].metric("Cannot be used", len(report.unusable))
+    columns[2].metric("Classes", len(report.classes) or "none")
+    columns[3].metric("Held out", f"{report.split['test']:,}")
+    if report.unusable:
+        st.warning("Cannot be used: " + "; ".join(f"{key}: {reason}" for key, reason in report.unusable[:10])
+                   + (f"; … {len(report.unusable) - 10} more" if len(report.unusable) > 10 else ""))
+    st.markdown("\n".join(f"- {line}" for line in report.advice))
+    with st.expander("The whole check report"):
+        st.code(report.text(), language=None)
+    if Path(report.preview).is_file():
+        st.image(Path(report.preview).read_bytes(), caption="What the model will see: training crops after decoding,"
+                 " cropping, resizing and random flips", width=520)
+    return report
+
+
+@st.cache_data(show_spinner="Checking the pictures (each is decoded once)…", max_entries=8)
+def _check_report(path: str, fingerprint: str):
+    from .datacheck import check_dataset
+
+    return check_dataset(path, progress=False)
 
 
 @st.cache_resource(show_spinner="Cropping the dataset…")

@@ -1,4 +1,5 @@
-"""Start, watch, stop and resume a training run in the background."""
+"""Train on your own pictures: check them, fine-tune a shipped model (or train from scratch) in
+the background, watch it, and export the run as a model every page can pick."""
 
 import time
 from pathlib import Path
@@ -9,44 +10,86 @@ import streamlit as st
 from birdgen import ui
 from birdgen.data import DatasetError
 from birdgen.networks import PRESETS
-from birdgen.training_jobs import (TrainForm, current_job, last_job, log_tail, progress_text, start_training,
-                                   stop_training)
 from birdgen.run_folder import read_metrics
+from birdgen.training_jobs import (FORM_LIMITS, LR_RANGE, UPLOAD_LIMIT_MB, TrainForm, current_job, export_to_models,
+                                   last_job, log_tail, progress_text, save_upload, start_training, stop_training)
+from birdgen.utils import WriteError
 
 REFRESH_S = 2.0  # how often the live view rereads the run folder while a run is going
+FINE_TUNE, FROM_SCRATCH = "Fine-tune a shipped model", "From scratch"
 
 ui.through_app_navigation()
 st.title("🏋️ Train a model")
 ui.off_in_public_mode("Training")
-st.markdown("Fill in the form to start `birdgen train` in the background (one run at a time). While it runs, the "
-            "progress, loss curve, latest sample grid and log below update by themselves; **Stop** saves a "
-            "checkpoint, **Resume** continues from it. On a 2-core CPU expect about 15–30 images/s with the small "
-            "presets, depending on the CPU.")
+st.markdown("Bring a folder of pictures (one subfolder per class, or none), a `.zip` of one, or a CUB_200_2011 folder. "
+            "The check below decodes every picture once, as training will, and shows what the model will see. "
+            "**Fine-tuning** a shipped model gives recognisable birds of your classes within about 15 minutes on a "
+            "2-core CPU; from scratch takes hours. The run goes on in the background: **Stop** saves a checkpoint, "
+            "**Resume** continues, **Export** makes it a model on every page.")
 
 job = current_job()
+st.subheader("1. Your pictures")
+columns = st.columns([3, 2])
+data = columns[0].text_input("Folder, zip or CUB_200_2011 folder", str(ui.data_root()), key="train_data")
+upload = columns[1].file_uploader(f"… or upload a .zip (up to {UPLOAD_LIMIT_MB} MB)", type=["zip"], key="train_upload")
+if upload is not None:
+    try:
+        data = str(save_upload(upload.name, upload.getvalue()))
+        columns[1].caption(f"Kept (not extracted) at `{data}`")
+    except (ValueError, WriteError) as error:
+        st.error(str(error))
+report = ui.checked_pictures(data)
+
+st.subheader("2. How to train")
+mode = st.radio("Start", [FINE_TUNE, FROM_SCRATCH], horizontal=True, key="train_mode")
+models = [p.name for p in ui.available_models()]
 with st.form("train"):
     columns = st.columns(3)
-    data = columns[0].text_input("CUB_200_2011 folder", str(ui.data_root()))
-    run_name = columns[1].text_input("Run name", "my-birds", help="Letters, digits, '-', '_', '.'")
-    preset = columns[2].selectbox("Network preset", list(PRESETS), index=list(PRESETS).index("small"))
-    columns = st.columns(3)
-    attention = columns[0].toggle("Self-attention (8×8)", value=False)
-    schedule = columns[1].selectbox("Noise schedule", ["cosine", "linear"])
-    batch_size = columns[2].number_input("Batch size", 1, 1024, 32)
-    columns = st.columns(3)
-    lr = columns[0].number_input("Learning rate", 1e-6, 0.1, 3e-4, format="%.5f")
-    steps = columns[1].number_input("Steps", 1, 10_000_000, 2000, step=100)
-    every = columns[2].number_input("Checkpoint and preview every", 1, 100_000, 250)
-    start = st.form_submit_button("Start training", type="primary", disabled=job is not None)
+    run_name = columns[0].text_input("Run name", "my-birds", help="Letters, digits, '-', '_', '.'")
+    has_classes = report is not None and report.layout != "flat"
+    conditional = columns[1].toggle("One class per folder (class-conditional)", value=has_classes,
+                                    disabled=not has_classes, help="Lets you pick a class when generating")
+    if mode == FINE_TUNE:
+        start_from = columns[2].selectbox("Shipped model to start from", models,
+                                          index=models.index("small-attn") if "small-attn" in models else 0)
+        defaults = TrainForm.fine_tune(data, run_name, "", conditional)
+    else:
+        start_from = None
+        defaults = TrainForm(data, run_name)
+        preset = columns[2].selectbox("Network preset", list(PRESETS), index=list(PRESETS).index(defaults.preset))
+        columns = st.columns(3)
+        attention = columns[0].toggle("Self-attention (8×8)", value=defaults.attention)
+        schedule = columns[1].selectbox("Noise schedule", ["cosine", "linear"])
+    columns = st.columns(4)
+    batch_size = columns[0].number_input("Batch size", *FORM_LIMITS["batch_size"], defaults.batch_size)
+    lr = columns[1].number_input("Learning rate", *LR_RANGE, defaults.lr, format="%.5f")
+    steps = columns[2].number_input("Steps (at most)", *FORM_LIMITS["steps"], defaults.steps, step=100)
+    minutes = columns[3].number_input("Minutes (at most; 0: no limit)", *map(float, FORM_LIMITS["max_minutes"]),
+                                      float(defaults.max_minutes), step=5.0)
+    columns = st.columns(2)
+    every = columns[0].number_input("Checkpoint and preview every (steps)", *FORM_LIMITS["checkpoint_every"],
+                                    defaults.checkpoint_every)
+    skip = columns[1].checkbox("Leave out pictures that cannot be used", value=False,
+                               disabled=report is None or not report.unusable)
+    start = st.form_submit_button("Start training", type="primary", disabled=job is not None or report is None)
 
-form = TrainForm(data, run_name.strip(), preset, attention, int(batch_size), float(lr), int(steps), schedule,
-                 int(every), int(every))
 if start:
-    try:
-        job = start_training(form)
-        st.success(f"Started training in {job.run_dir} (pid {job.pid}).")
-    except (ValueError, DatasetError, RuntimeError) as error:
-        st.error(str(error))
+    if mode == FINE_TUNE:
+        form = TrainForm.fine_tune(data, run_name.strip(), str(ui.models_dir() / start_from), conditional)
+    else:
+        form = TrainForm(data, run_name.strip(), preset, attention, conditional=conditional, schedule=schedule)
+    form.batch_size, form.lr, form.steps, form.max_minutes = int(batch_size), float(lr), int(steps), float(minutes)
+    form.checkpoint_every = form.sample_every = int(every)
+    form.skip_unreadable = skip
+    if report is not None and report.unusable and not skip:
+        st.error(f"{len(report.unusable)} pictures cannot be used (listed above): fix them, or tick 'Leave out "
+                 "pictures that cannot be used'.")
+    else:
+        try:
+            job = start_training(form)
+            st.success(f"Started training in {job.run_dir} (pid {job.pid}).")
+        except (ValueError, DatasetError, RuntimeError, WriteError) as error:
+            st.error(str(error))
 
 shown = job or last_job()
 if shown is None:
@@ -67,7 +110,22 @@ else:
         try:
             job = start_training(TrainForm(**shown.form), resume=True)
             st.success(f"Resumed (pid {job.pid}).")
-        except (ValueError, DatasetError, RuntimeError) as error:
+        except (ValueError, DatasetError, RuntimeError, WriteError) as error:
+            st.error(str(error))
+
+if job is None and any((Path(shown.run_dir) / "checkpoints").glob("step-*")):
+    with st.form("export"):
+        st.markdown("**Export** the run's latest checkpoint (EMA weights) as a model: it then appears in every page's "
+                    "model picker. This samples 64 birds for its card, about a minute on a CPU.")
+        columns = st.columns([2, 1])
+        name = columns[0].text_input("Model name", Path(shown.run_dir).name, key="export_name")
+        exported = columns[1].form_submit_button("Export")
+    if exported:
+        try:
+            with st.spinner("Exporting: weights, sample grid, held-out loss and model card…"):
+                folder = export_to_models(shown.run_dir, name.strip(), ui.models_dir())
+            st.success(f"Exported `{folder}`: pick **{folder.name}** on Generate, Compare, Explore or Metrics.")
+        except (ValueError, DatasetError, RuntimeError, WriteError) as error:
             st.error(str(error))
 
 
@@ -76,18 +134,20 @@ def run_view(was_running: bool) -> None:
     """Status, loss curve, preview and log; reruns by itself every REFRESH_S while the run is live."""
     running = current_job()
     if was_running and running is None:
-        st.rerun()  # the run ended: redraw the whole page (Start and Resume become available)
+        st.rerun()  # the run ended: redraw the whole page (Start, Resume and Export become available)
     records = read_metrics(shown.run_dir)
+    form = shown.form
     if running is not None:
         started = time.strftime("%H:%M:%S", time.localtime(running.started))
         if records:
-            st.success(f"Running (pid {running.pid}, started {started}) · "
-                       f"{progress_text(records, shown.form['steps'], shown.form['batch_size'])}")
+            progress = progress_text(records, form["steps"], form["batch_size"], form.get("max_minutes", 0.0),
+                                     time.time() - running.started)
+            st.success(f"Running (pid {running.pid}, started {started}) · {progress}")
         else:
             st.info(f"Starting (pid {running.pid}, {time.time() - running.started:.0f} s): loading the crops and "
                     "building the network; the first steps appear here in a few seconds.")
     elif records:
-        st.caption(progress_text(records, shown.form["steps"], shown.form["batch_size"]).split(" · about")[0])
+        st.caption(progress_text(records, form["steps"], form["batch_size"]).split(" · about")[0])
     if records:
         frame = pd.DataFrame(records).set_index("step")
         st.line_chart(frame["loss"], x_label="step", y_label="loss", height=260)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from birdgen.data import DatasetError, crop_box, load_crops, random_flip, read_metadata, summarize
+from birdgen.data import DatasetError, crop_box, load_crops, random_flip, summarize
+from birdgen.sources import read_metadata
 
 
 def test_reads_fixture_and_crops_to_requested_size(tiny_cub):
@@ -153,7 +154,7 @@ def test_missing_image_fails_naming_it(tiny_cub):
         load_crops(tiny_cub, progress=False)
 
 
-def test_corrupt_image_skipped_with_warning_or_fails_when_strict(tiny_cub):
+def test_corrupt_image_listed_as_unusable_or_fails_when_strict(tiny_cub):
     meta = read_metadata(tiny_cub)
     truncated = tiny_cub / "images" / meta.records[1].path
     truncated.write_bytes(truncated.read_bytes()[:200])
@@ -161,11 +162,12 @@ def test_corrupt_image_skipped_with_warning_or_fails_when_strict(tiny_cub):
     garbage.write_bytes(b"not a jpeg at all")
     with pytest.raises(DatasetError, match="corrupt or truncated"):
         load_crops(tiny_cub, strict=True, progress=False)
-    with pytest.warns(UserWarning, match="corrupt or truncated"):
-        crops = load_crops(tiny_cub, progress=False)
-    assert len(crops) == 16 and len(crops.skipped) == 2
+    crops = load_crops(tiny_cub, progress=False)
+    assert len(crops) == 16 and [key for key, _ in crops.unusable] == [meta.records[1].path, meta.records[2].path]
+    assert "corrupt or truncated" in crops.unusable[0][1] and "not a picture" in crops.unusable[1][1]
     assert 2 not in crops.image_ids and 3 not in crops.image_ids
-    assert "skipped 2 unreadable images" in summarize(crops)
+    assert "left out 2 unreadable or too small pictures" in summarize(crops)
+    assert load_crops(tiny_cub, progress=False).unusable == crops.unusable  # the cache keeps them
 
 
 def test_empty_split_and_empty_listing(tiny_cub):
@@ -190,7 +192,7 @@ def test_real_partial_cub(real_cub, monkeypatch):
     text = summarize(crops)
     assert text.startswith("2889 images in 50 species (official split: 1500 train, 1389 test)")
     # The second load must come from the cache alone, without opening a single photo.
-    monkeypatch.setattr("birdgen.data.load_crop", lambda *args: pytest.fail("decoded a JPEG despite the cache"))
+    monkeypatch.setattr("birdgen.data.decode_picture", lambda *args: pytest.fail("decoded a JPEG despite the cache"))
     assert np.array_equal(load_crops(real_cub, progress=False).images, crops.images)
     # Birds are brighter in the middle than a random crop would be is too fragile; check
     # instead that crops are real photos: plenty of distinct colours, full dynamic range.

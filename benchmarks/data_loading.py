@@ -12,7 +12,8 @@ import torch
 
 from common import REAL_CUB, alternate, machine, save
 
-from birdgen.data import load_crop, load_crops, random_flip, read_metadata, to_model_range
+from birdgen.data import load_crop, load_crops, random_flip, to_model_range
+from birdgen.sources import read_metadata
 from birdgen.training_loop import BatchStream
 
 BATCH = 32

@@ -23,10 +23,9 @@ from .networks import PRESETS, parameter_count, preset
 from .pipeline import DEFAULT_SAMPLING, GenerationRequest, generation_steps, make_request_sampler
 from .samplers import DEFAULT_STEPS, SAMPLERS
 from .training_loop import TrainConfig, TrainingError, train
-from .utils import WriteError, machine_description, resolve_device, save_grid, writing
+from .utils import WriteError, atomic_write_bytes, machine_description, resolve_device, save_grid
 
-USER_ERRORS = (DatasetError, ModelError, TrainingError, DownloadError, EditError, ValueError, FileNotFoundError,
-               WriteError)
+USER_ERRORS = (DatasetError, ModelError, TrainingError, DownloadError, EditError, ValueError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args) or 0
+    except WriteError as error:  # the machine's fault (a full disk, a read-only folder), not the command's
+        print(f"birdgen: error: {error}", file=sys.stderr)
+        return 1
     except USER_ERRORS as error:
         print(f"birdgen: error: {error}", file=sys.stderr)
         return 2
@@ -149,6 +151,10 @@ def add_eval_parser(commands) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per generation batch (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first batch; batch k uses seed + k × batch")
     parser.add_argument("--no-memorization", action="store_true", help="skip the nearest-training-crop check")
+    parser.add_argument("--replace", action="store_true",
+                        help="replace a stored evaluation with the same settings (features, samples, sampler, steps,"
+                             " guidance, seed); without it such a run is refused, and other settings are added beside"
+                             " the stored ones")
     add_guidance_flags(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--inception-weights",
@@ -157,9 +163,8 @@ def add_eval_parser(commands) -> None:
 
 
 def cmd_eval(args) -> int:
-    from tqdm.auto import tqdm
-
-    from .evaluation import EvalSettings, run_evaluation, save_evaluation, summary
+    from .evaluation import EvalSettings, run_evaluation, save_evaluation, short_summary, summary
+    from .model_folder import read_metrics_file
     from .features import choose_feature_space
 
     choose_feature_space(args.features, args.inception_weights)  # a missing extractor fails before loading anything
@@ -167,20 +172,41 @@ def cmd_eval(args) -> int:
     settings = EvalSettings(args.split, args.num_samples, args.sampler, args.steps, args.eta, args.batch_size,
                             args.seed, not args.no_memorization, args.guidance, args.guide_weight,
                             args.guide_interval)
+    local = Path(args.model).is_dir()  # results go into a local folder, never into the Hub cache
+    evaluation = run_evaluation(model, args.data, settings, args.features, args.inception_weights,
+                                stage_progress(), print, keep_stored=local and not args.replace)
+    print(summary(evaluation.metrics))
+    if local:
+        path, replaced = save_evaluation(model, evaluation, replace=args.replace)
+        shown = read_metrics_file(path)[evaluation.metrics["feature_space"]]
+        print(f"wrote {path}" + (f" (replaced: {short_summary(replaced)})" if replaced else "")
+              + ("" if shown is evaluation.metrics or shown == evaluation.metrics else
+                 f"; the card and the pages still show {short_summary(shown)}, the most samples"))
+    return 0
+
+
+def stage_progress():
+    """Evaluation progress: on a terminal one bar per stage, closed when the stage ends (so none
+    stays open under the next); in a log (not a terminal) one line per finished stage."""
+    from tqdm.auto import tqdm
+
     bars: dict[str, tqdm] = {}
+    started: dict[str, float] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
+        if not sys.stderr.isatty():
+            started.setdefault(stage, time.perf_counter())
+            if done >= total:
+                print(f"{stage.capitalize()}: {total} images in {time.perf_counter() - started[stage]:.1f} s",
+                      file=sys.stderr, flush=True)
+            return
         if stage not in bars:  # one bar per stage, made on its first report
             bars[stage] = tqdm(total=total, desc=stage.capitalize(), unit="img")
         bars[stage].update(done - bars[stage].n)
+        if done >= total:
+            bars.pop(stage).close()
 
-    evaluation = run_evaluation(model, args.data, settings, args.features, args.inception_weights, progress, print)
-    for bar in bars.values():
-        bar.close()
-    print(summary(evaluation.metrics))
-    if Path(args.model).is_dir():  # never into the Hub cache
-        print(f"wrote {save_evaluation(model, evaluation)}")
-    return 0
+    return progress
 
 
 def add_model_folder_parsers(commands) -> None:
@@ -420,12 +446,8 @@ def cmd_sample(args) -> int:
     step, seconds = run_with_bar(generation_steps(model, request), f"Sampling ({sampler.name})")
     path = save_grid(step.x, args.out, columns=args.num if len(species) > 1 else None)
     if args.individual:
-        from .utils import grid_image
-
-        folder = Path(args.individual)
-        folder.mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(step.x):
-            grid_image(image[None], padding=0).save(folder / f"{index:04d}.png")
+            save_grid(image[None], Path(args.individual) / f"{index:04d}.png")
     if species:
         from .species import species_names
 
@@ -492,9 +514,7 @@ def cmd_interpolate(args) -> int:
     last, seconds = run_with_bar(steps, f"Interpolating ({args.frames} frames)")
     path = save_grid(last.x, args.out, columns=args.frames)
     if args.gif:
-        gif = Path(args.gif)
-        with writing(gif, "the GIF"):
-            gif.write_bytes(interpolation_gif(last.x.cpu()))
+        atomic_write_bytes(args.gif, interpolation_gif(last.x.cpu()), "the GIF")
     print(f"{args.frames} frames from seed {args.seeds[0]} to {args.seeds[1]} in {seconds:.1f} s; wrote {path}"
           + (f" and {args.gif}" if args.gif else ""))
     return 0

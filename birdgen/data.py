@@ -141,6 +141,7 @@ class Crops:
     class_names: dict[int, str]
     layout: str = "cub"  # "cub", "class-folders" or "flat"
     dataset: str = ""  # the source's folder (or zip) name
+    root: str = ""  # the source's path, resolved
     keys: np.ndarray = field(default_factory=lambda: np.array([], str))  # (N,) paths inside the source
     modes: np.ndarray = field(default_factory=lambda: np.array([], str))  # (N,) each file's own image mode
     sizes: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # (N, 2) upright width, height
@@ -206,7 +207,7 @@ def split_record(crops: Crops, split: str, seed: int, test_fraction: float, trai
             "crop": settings.crop, "padding": settings.padding, "split": split, "seed": seed,
             "test_fraction": test_fraction, "train_on": train_on, "num_train": len(train),
             "train_ids_sha256": ids_digest(crops.image_ids[train]), "layout": crops.layout,
-            "background": settings.background}
+            "background": settings.background, "path": crops.root}
 
 
 def require_split_record(record, where: str) -> None:
@@ -282,10 +283,7 @@ def load_crops(root: str | os.PathLike, size: int = 64, crop: str | None = None,
             warnings.warn(f"{path}: unreadable crop cache ({error}); rebuilding it")
     crops = build_crops(source, settings, strict, progress)
     if path is not None:
-        from .utils import writing
-
-        with writing(path, "the crop cache", path.with_suffix(f".tmp{os.getpid()}.npz")):
-            _write_cache(path, crops)
+        _write_cache(path, crops)
         crops.cache_path = path
     return crops
 
@@ -342,6 +340,7 @@ def build_crops(source: Source, settings: CropSettings, strict: bool = False, pr
         labels=np.array([item.class_id for item, _ in kept], np.int64),
         is_train=np.array([bool(item.is_train) for item, _ in kept], bool),
         class_names=dict(source.class_names), layout=source.layout, dataset=source.name,
+        root=str(source.path.resolve()),
         keys=np.array([item.key for item, _ in kept], str),
         modes=np.array([d.mode for _, d in kept], str),
         sizes=np.array([d.size for _, d in kept], np.int64).reshape(-1, 2),
@@ -355,14 +354,15 @@ _ARRAYS = ("images", "image_ids", "labels", "is_train", "keys", "modes", "sizes"
 
 
 def _write_cache(path: Path, crops: Crops) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".tmp{os.getpid()}.npz")
+    from .utils import atomic_write
+
     names = sorted(crops.class_names)
-    np.savez(temporary, **{name: getattr(crops, name) for name in _ARRAYS},
-             unusable=np.array(crops.unusable, dtype=str).reshape(-1, 2), ignored=np.array(crops.ignored, dtype=str),
-             class_ids=np.array(names, np.int64), class_names=np.array([crops.class_names[c] for c in names], str),
-             layout=np.array(crops.layout), dataset=np.array(crops.dataset))
-    os.replace(temporary, path)
+    arrays = {**{name: getattr(crops, name) for name in _ARRAYS},
+              "unusable": np.array(crops.unusable, dtype=str).reshape(-1, 2),
+              "ignored": np.array(crops.ignored, dtype=str), "class_ids": np.array(names, np.int64),
+              "class_names": np.array([crops.class_names[c] for c in names], str),
+              "layout": np.array(crops.layout), "dataset": np.array(crops.dataset)}
+    atomic_write(path, "the crop cache", lambda temporary: np.savez(temporary, **arrays))
 
 
 def _read_cache(path: Path, source: Source, settings: CropSettings) -> Crops:
@@ -370,6 +370,7 @@ def _read_cache(path: Path, source: Source, settings: CropSettings) -> Crops:
         arrays = {name: archive[name] for name in _ARRAYS}
         names = dict(zip(archive["class_ids"].tolist(), archive["class_names"].tolist()))
         return Crops(**arrays, class_names=names, layout=str(archive["layout"]), dataset=str(archive["dataset"]),
+                     root=str(source.path.resolve()),
                      unusable=[(str(k), str(r)) for k, r in archive["unusable"]],
                      ignored=[str(k) for k in archive["ignored"]], settings=settings, cache_path=path)
 

@@ -20,8 +20,7 @@ import numpy as np
 import torch
 
 from .data import MIN_PICTURE_SIDE, Crops, cache_dir, load_crops, random_flip, resolve_split
-from .model_folder import atomic_write_text
-from .utils import grid_image, writing
+from .utils import atomic_write, atomic_write_text, grid_image
 
 NEAR_DUPLICATE_BITS = 4  # perceptual hashes (64 bits) at most this far apart are near-duplicates
 FEW_PICTURES = 1000  # below this many, fine-tuning a shipped model beats training from scratch
@@ -132,8 +131,8 @@ def advice_for(count: int, classes: list[dict], upscaled: int, duplicates: int, 
     """Plain advice by the set's size and what the check found."""
     advice = []
     if count < FEW_PICTURES:
-        advice.append(f"{count} pictures: fine-tune a shipped model (`--init-from models/small-attn`"
-                      f"{' --conditional' if classes else ''}) rather than train from scratch, and read the"
+        advice.append(f"{count} pictures: fine-tune a shipped model (`--init-from models/small-attn"
+                      f"{' --conditional' if classes else ''}`) rather than train from scratch, and read the"
                       " memorization check (`birdgen eval`): a few hundred pictures are easy to copy")
     else:
         advice.append(f"{count} pictures: fine-tuning a shipped model gives birds within minutes; from scratch, expect"
@@ -229,12 +228,8 @@ def save_preview(crops: Crops, indices: np.ndarray, path: Path, seed: int = 0) -
     chosen = preview_indices(crops, indices)
     generator = torch.Generator().manual_seed(seed)
     batch = random_flip(crops.tensor(chosen), generator)
-    temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    with writing(path, "the preview", temporary):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid_image(batch, columns=8).save(temporary)
-        os.replace(temporary, path)
-    return path
+    grid = grid_image(batch, columns=8)
+    return atomic_write(path, "the preview", lambda temporary: grid.save(temporary, format="PNG"))
 
 
 def check_dataset(path: str | os.PathLike, size: int = 64, crop: str | None = None, padding: float = 0.1,

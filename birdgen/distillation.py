@@ -31,7 +31,7 @@ from .records import DistillationRecord, SamplingRecord, record_dict
 from .run_folder import BatchStream, LoopState, RunFolder, StopRequests, TrainingError, read_state, save_weights
 from .samplers import DDIMSampler
 from .training_loop import check_streak, config_from_dict, draw_batch, log_interval, preview_images, resolve_precision
-from .utils import machine_description, resolve_device, writing
+from .utils import atomic_write, machine_description, resolve_device
 
 METHOD = "progressive distillation (Salimans & Ho 2022)"
 RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_threads", "progress",
@@ -386,11 +386,7 @@ def student_file(run_dir: Path, steps: int) -> Path:
 
 def save_student(student: torch.nn.Module, path: Path) -> None:
     """Each round's final student, so one run gives every step count it passed through."""
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with writing(path, "the round's student", temporary):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(student, temporary)
-        os.replace(temporary, path)
+    atomic_write(path, "the round's student", lambda temporary: save_weights(student, temporary))
 
 
 def export_student(run_dir: str | os.PathLike, out: str | os.PathLike, steps: int | None = None,

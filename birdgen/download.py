@@ -12,6 +12,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .utils import writing
+
 ARCHIVE_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
 ARCHIVE_MD5 = "97eceeb196236b17998738112f37df78"
 ARCHIVE_NAME = "CUB_200_2011.tgz"
@@ -52,8 +54,10 @@ def fetch(url: str, destination: Path, expected_md5: str, timeout: float = CONNE
             resumed = response.status == 206
             total = response.length + (offset if resumed else 0) if response.length else None
             mode = "ab" if resumed else "wb"
-            with open(partial, mode) as handle, tqdm(total=total, initial=offset if resumed else 0, unit="B",
-                                                      unit_scale=True, desc=f"Downloading {destination.name}") as bar:
+            # a full disk keeps what arrived: the partial file is where the next run resumes from
+            with writing(partial, "the download (what arrived is kept; free some space and run it again)"), \
+                    open(partial, mode) as handle, tqdm(total=total, initial=offset if resumed else 0, unit="B",
+                                                        unit_scale=True, desc=f"Downloading {destination.name}") as bar:
                 while block := response.read(1 << 20):
                     handle.write(block)
                     bar.update(len(block))

@@ -25,10 +25,10 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from .data import Crops, cache_dir, model_crops, recover_split, to_uint8
 from .features import FEATURE_LABELS
-from .model_folder import METRICS_FILE, BirdModel, atomic_write_text, read_metrics_file
+from .model_folder import METRICS_FILE, BirdModel, evaluation_key, read_evaluations, shown_evaluations
 from .pipeline import GenerationRequest, generate, model_sampling
 from .records import DataRecord
-from .utils import grid_image
+from .utils import atomic_write, atomic_write_text, grid_image
 
 KID_SUBSET_SIZE = 1000
 PRECISION_RECALL_K = 3  # Kynkäänniemi et al. 2019
@@ -199,10 +199,7 @@ def real_features(crops: Crops, indices: np.ndarray, extractor: nn.Module, ident
     stage = "mirrored training crops" if mirrored else f"real crops ({len(indices)})"
     features = extract_features(extractor, images, batch_size, device, progress, stage)
     if cache and crops.cache_path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}.npy")
-        np.save(temporary, features.numpy())
-        os.replace(temporary, path)
+        atomic_write(path, "the feature cache", lambda temporary: np.save(temporary, features.numpy()))
     return features
 
 
@@ -244,6 +241,26 @@ def resolve_sampler(model: BirdModel, settings: EvalSettings) -> EvalSettings:
     """The settings with the sampler and steps resolved for `model` (what metrics.json records)."""
     sampler, steps = model_sampling(model, settings.sampler, settings.steps, EVAL_SAMPLING)
     return replace(settings, sampler=sampler, steps=steps)
+
+
+def resolved_settings(model: BirdModel, settings: EvalSettings) -> EvalSettings:
+    """The settings with the sampler, steps and guidance resolved for `model`, as metrics.json records them."""
+    settings = resolve_sampler(model, settings)
+    guidance = model.resolve_guidance(settings.guidance, settings.guide_weight, settings.interval)
+    return replace(settings, guidance=guidance.species_weight, guide_weight=guidance.guide_weight,
+                   interval=guidance.interval or (0, model.schedule.num_steps - 1))
+
+
+def guide_name(model: BirdModel, settings: EvalSettings) -> str | None:
+    """The guide that took part in an evaluation with resolved `settings` (None: none did)."""
+    return model.guide.name if model.guide is not None and settings.guide_weight != 1 else None
+
+
+def measurement(model: BirdModel, settings: EvalSettings, feature_space: str) -> dict:
+    """What an evaluation of `model` with `settings` will record of EVALUATION_KEY's fields."""
+    settings = resolved_settings(model, settings)
+    return {"feature_space": feature_space, **asdict(settings), "num_generated": settings.num_samples,
+            "guide": guide_name(model, settings)}
 
 
 def generate_uint8(model: BirdModel, settings: EvalSettings, progress: Progress | None = None,
@@ -301,10 +318,7 @@ def evaluate(model: BirdModel, crops: Crops, settings: EvalSettings, extractor: 
     """Generates settings.num_samples birds and scores them against the real crops of the
     model's own split."""
     settings.validate()
-    settings = resolve_sampler(model, settings)
-    guidance = model.resolve_guidance(settings.guidance, settings.guide_weight, settings.interval)
-    settings = replace(settings, guidance=guidance.species_weight, guide_weight=guidance.guide_weight,
-                       interval=guidance.interval or (0, model.schedule.num_steps - 1))
+    settings = resolved_settings(model, settings)
     started = time.perf_counter()
     where = str(model.path or model.name)
     train_indices, heldout_indices = recover_split(model.data, crops, where)
@@ -341,7 +355,7 @@ def evaluate(model: BirdModel, crops: Crops, settings: EvalSettings, extractor: 
               **scores, "num_real": len(reference), "num_generated": settings.num_samples,
               "reference_split": describe_split(model.data, settings.reference, len(reference)), **asdict(settings),
               "species": "those of the real crops, in turn" if species else "none (unconditional)",
-              "guide": model.guide.name if model.guide is not None and guidance.guide_weight != 1 else None,
+              "guide": guide_name(model, settings),
               "feature_extractor": identity, "model": model.name, "image_size": model.network_config.image_size}
     if species:
         class_ids = np.array([model.species[index][0] for index in species])
@@ -390,25 +404,38 @@ def describe_split(record: DataRecord, reference: str, count: int) -> str:
     return f"{count} {part} crops of {record.dataset} (official train/test split)"
 
 
-def write_metrics(model: BirdModel, evaluation: Evaluation) -> Path:
-    """Stores one evaluation in the model folder's metrics.json under its feature space (other
-    feature spaces' results stay), and the closest generated/training pairs as a PNG."""
+def stored_alike(model: BirdModel, metrics: dict) -> dict | None:
+    """The stored evaluation that measured what `metrics` measures (see EVALUATION_KEY), if any."""
+    key = evaluation_key(metrics)
+    return next((r for r in read_evaluations(model.path / METRICS_FILE) if evaluation_key(r) == key), None)
+
+
+def write_metrics(model: BirdModel, evaluation: Evaluation, replace: bool = False) -> dict | None:
+    """Adds one evaluation to the model folder's metrics.json, beside the others (other settings
+    and feature spaces stay); one that measured the same as a stored one replaces it only with
+    `replace`, else an EvaluationError says so. The closest pairs PNG follows the shown evaluation.
+    Returns the evaluation it replaced, if any."""
     path = model.path / METRICS_FILE
-    stored = read_metrics_file(path)
-    stored[evaluation.metrics["feature_space"]] = evaluation.metrics
-    atomic_write_text(path, json.dumps(stored, indent=2) + "\n")
-    if evaluation.closest_pairs:
+    records = read_evaluations(path)
+    alike = stored_alike(model, evaluation.metrics)
+    if alike is not None and not replace:
+        raise EvaluationError(f"{path}: already holds this measurement ({short_summary(alike)}); pass --replace to"
+                              " replace it")
+    key = evaluation_key(evaluation.metrics)
+    records = [r for r in records if evaluation_key(r) != key] + [evaluation.metrics]
+    shown = shown_evaluations(records)
+    atomic_write_text(path, json.dumps({**shown, "evaluations": records}, indent=2) + "\n")
+    if evaluation.closest_pairs and shown[evaluation.metrics["feature_space"]] is evaluation.metrics:
         save_pairs(evaluation.closest_pairs, model.path / MEMORIZATION_PAIRS_FILE)
-    return path
+    return alike
 
 
 def save_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
     """Each generated image (top row) above its nearest training crop (bottom row)."""
     top = torch.stack([g for g, _ in pairs])
     bottom = torch.stack([t for _, t in pairs])
-    temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    grid_image(torch.cat([top, bottom]), columns=len(pairs)).save(temporary)
-    os.replace(temporary, path)
+    grid = grid_image(torch.cat([top, bottom]), columns=len(pairs))
+    atomic_write(path, "the closest pairs", lambda temporary: grid.save(temporary, format="PNG"))
 
 
 def short_summary(metrics: dict) -> str:
@@ -436,13 +463,19 @@ def summary(metrics: dict) -> str:
 
 def run_evaluation(model: BirdModel, data_root: str | os.PathLike, settings: EvalSettings, features: str = "auto",
                    inception_weights: str | None = None, progress: Progress | None = None,
-                   notify: Callable[[str], None] | None = None) -> Evaluation:
+                   notify: Callable[[str], None] | None = None, keep_stored: bool = False) -> Evaluation:
     """`birdgen eval` and the Metrics page: picks the feature space (failing before any work),
-    loads the crops the model trained on, checks its split, then `evaluate`s."""
+    loads the crops the model trained on, checks its split, then `evaluate`s. `keep_stored`:
+    refuse, before any work, a measurement the model folder holds already."""
     from .features import choose_feature_space, load_extractor
 
     settings.validate()
     feature_space, note = choose_feature_space(features, inception_weights)
+    if keep_stored and model.path is not None:
+        alike = stored_alike(model, measurement(model, settings, feature_space))
+        if alike is not None:
+            raise EvaluationError(f"{model.path / METRICS_FILE}: already holds this measurement"
+                                  f" ({short_summary(alike)}); pass --replace to measure it again and replace it")
     if notify:
         notify(note)
     extractor = load_extractor(feature_space, inception_weights)
@@ -450,10 +483,11 @@ def run_evaluation(model: BirdModel, data_root: str | os.PathLike, settings: Eva
     return evaluate(model, crops, settings, extractor, extractor.identity, feature_space, progress)
 
 
-def save_evaluation(model: BirdModel, evaluation: Evaluation) -> Path:
-    """metrics.json, the closest pairs and the card's Quality section of a local model folder."""
+def save_evaluation(model: BirdModel, evaluation: Evaluation, replace: bool = False) -> tuple[Path, dict | None]:
+    """metrics.json, the closest pairs and the card's Quality section of a local model folder; the
+    evaluation it replaced, if any (see `write_metrics`)."""
     from .modelcard import update_card_quality
 
-    path = write_metrics(model, evaluation)
+    replaced = write_metrics(model, evaluation, replace)
     update_card_quality(model.path)
-    return path
+    return model.path / METRICS_FILE, replaced

@@ -26,7 +26,7 @@ from .guidance import GUIDE_WEIGHT, NO_GUIDE, GuidanceError, GuidanceRecord, Res
 from .networks import UNet, UNetConfig, parameter_count
 from .records import DataRecord, DistillationRecord, RecordError, SamplingRecord, TrainingRecord
 from .samplers import SAMPLERS, Denoiser
-from .utils import check_field_types, writing
+from .utils import atomic_write, atomic_write_text, check_field_types
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -126,9 +126,21 @@ class BirdModel:
         return read_metrics_file(self.path / METRICS_FILE) if self.path is not None else {}
 
 
-def read_metrics_file(path: Path) -> dict[str, dict]:
+# What makes two evaluations the same measurement: a new one with another of these is added to
+# metrics.json beside the stored ones; one with all of them equal replaces a stored one only when asked.
+EVALUATION_KEY = ("feature_space", "reference", "num_generated", "sampler", "steps", "eta", "seed", "guidance",
+                  "guide", "guide_weight", "interval")
+
+
+def evaluation_key(metrics: dict) -> tuple:
+    return tuple(json.dumps(metrics.get(name)) for name in EVALUATION_KEY)
+
+
+def read_evaluations(path: Path) -> list[dict]:
+    """Every evaluation metrics.json holds, oldest first. The file keeps them as a list under
+    "evaluations" beside the shown one of each feature space (older files hold only those)."""
     if not path.is_file():
-        return {}
+        return []
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -136,8 +148,26 @@ def read_metrics_file(path: Path) -> dict[str, dict]:
     if not isinstance(raw, dict):
         raise ModelError(f"{path}: expected an object of evaluations by feature space")
     if "fid" in raw:  # written before feature spaces were recorded: always Inception
-        return {"inception": {"feature_space": "inception", **raw}}
-    return {space: result for space, result in raw.items() if isinstance(result, dict)}
+        return [{"feature_space": "inception", **raw}]
+    if isinstance(raw.get("evaluations"), list):
+        return [record for record in raw["evaluations"] if isinstance(record, dict)]
+    return [{"feature_space": space, **result} for space, result in raw.items() if isinstance(result, dict)]
+
+
+def shown_evaluations(records: list[dict]) -> dict[str, dict]:
+    """The evaluation the card and the pages show for each feature space: the one with the most
+    generated images (the latest among equals), so a quick look never hides a careful one."""
+    shown: dict[str, dict] = {}
+    for record in records:
+        space = record.get("feature_space", "inception")
+        if space not in shown or record.get("num_generated", 0) >= shown[space].get("num_generated", 0):
+            shown[space] = record
+    return shown
+
+
+def read_metrics_file(path: Path) -> dict[str, dict]:
+    """The shown evaluation of each feature space ({} without metrics.json)."""
+    return shown_evaluations(read_evaluations(path))
 
 
 def build_model(network_config: UNetConfig, diffusion_config: DiffusionConfig, device="cpu") -> BirdModel:
@@ -148,14 +178,6 @@ def build_model(network_config: UNetConfig, diffusion_config: DiffusionConfig, d
 def config_dict(network_config: UNetConfig, diffusion_config: DiffusionConfig, **extra) -> dict:
     return {"format": FORMAT, "format_version": 1, "network": network_config.to_dict(),
             "diffusion": diffusion_config.to_dict(), **extra}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with writing(path, "the file", temporary):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(text)
-        os.replace(temporary, path)
 
 
 def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_config: UNetConfig,
@@ -169,13 +191,10 @@ def save_model(folder: str | os.PathLike, network: torch.nn.Module, network_conf
     `data` records the crops and split, so that evaluation can find the crops the model never saw.
     Records may be given as records or in their JSON form (checked the same way as when read)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if half else torch.float32
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in network.state_dict().items()}
-    temporary = folder / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
-    with writing(folder / WEIGHTS_FILE, "the model weights", temporary):
-        save_file(tensors, str(temporary), metadata={"format": FORMAT})
-        os.replace(temporary, folder / WEIGHTS_FILE)
+    atomic_write(folder / WEIGHTS_FILE, "the model weights",
+                 lambda temporary: save_file(tensors, str(temporary), metadata={"format": FORMAT}))
     given = {"training": training, "data": data, "sampling": sampling, "distillation": distillation}
     try:
         extra = {key: RECORDS[key].from_dict(value).to_dict() for key, value in given.items() if value}

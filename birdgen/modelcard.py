@@ -8,15 +8,15 @@ from pathlib import Path
 
 import torch
 
-from .model_folder import CARD_FILE, METRICS_FILE, atomic_write_text, load_model, read_config, read_metrics_file
+from .model_folder import CARD_FILE, METRICS_FILE, load_model, read_config, read_metrics_file
 from .data import Crops, split_record
 from .diffusion import heldout_loss
 from .guidance import GUIDE_WEIGHT, NO_GUIDE, SPECIES_WEIGHT, GuidanceRecord
 from .samplers import DDIMSampler, initial_noise, run_to_end
 from .records import DistillationRecord
 from .run_folder import read_metrics
-from .training_loop import TrainConfig, export_run, run_crops
-from .utils import save_grid
+from .training_loop import TrainConfig, export_run, run_crops, run_networks
+from .utils import atomic_write, atomic_write_text, save_grid
 
 GRID_SEED = 0
 
@@ -34,7 +34,7 @@ def plot_loss(records: list[dict], path: Path) -> None:
     axis.set_yscale("log")
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path)
+    atomic_write(path, "the loss plot", lambda temporary: figure.savefig(temporary, format="png"))
     plt.close(figure)
 
 
@@ -388,8 +388,7 @@ def export_any_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: boo
         return export_student_with_card(run_dir, out, student_steps, half=half)
     if student_steps is not None:
         raise TrainingError(f"{run_dir}: --steps picks a student of a distillation run; this is a training run")
-    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    steps = parse_interval(interval, config.diffusion_config().num_steps) if interval else None
+    steps = parse_interval(interval, run_networks(run_dir)[1].num_steps) if interval else None
     return export_with_card(run_dir, out, half=half, heldout_batches=heldout_batches, guide=guide,
                             guide_weight=guide_weight, interval=steps, step=step, guides=guides, averaged=averaged)
 

@@ -64,6 +64,7 @@ class DataRecord(Record):
     train_ids_sha256: str
     layout: str | None = None  # "cub", "class-folders" or "flat"; unset in records written before folders: cub
     background: str | None = None  # what transparent pictures were composited onto; unset: white
+    path: str | None = None  # where the dataset was when the model was exported (the app looks there first)
 
     @property
     def is_cub(self) -> bool:

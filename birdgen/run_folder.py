@@ -25,8 +25,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .model_folder import atomic_write_text
-from .utils import save_grid, writing
+from .utils import atomic_write_text, save_grid, torch_bytes, writing
 
 
 class TrainingError(RuntimeError):
@@ -209,7 +208,7 @@ class Checkpoints:
             temporary.mkdir()
             for stem, network in weights.items():
                 save_weights(network, temporary / f"{stem}.safetensors")
-            torch.save(state, temporary / "state.pt")
+            (temporary / "state.pt").write_bytes(torch_bytes(state))
             for file in temporary.iterdir():
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())

@@ -14,8 +14,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .model_folder import CONFIG_FILE, atomic_write_text
-from .utils import writing
+from .model_folder import CONFIG_FILE
+from .utils import atomic_write_bytes, atomic_write_text
 from .networks import PRESETS
 from .sources import open_source
 from .training_loop import FINE_TUNE_DEFAULTS, TrainConfig
@@ -186,6 +186,12 @@ def log_tail(job: Job, lines: int = 30) -> str:
         return ""
 
 
+def run_failure(job: Job) -> str | None:
+    """The one-line error a finished run ended with (a full disk, unusable pictures, …), if it did."""
+    last = log_tail(job, 1).strip()
+    return last.removeprefix("birdgen: error: ") if last.startswith("birdgen: error: ") else None
+
+
 def progress_text(records: list[dict], total_steps: int, batch_size: int, max_minutes: float = 0.0,
                   elapsed_s: float | None = None) -> str:
     """'step S of N · X images/s · about M min left · loss L' from a run's metrics records (the
@@ -214,11 +220,7 @@ def save_upload(name: str, data: bytes) -> Path:
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(name).stem)[:48] or "pictures"
     path = cache_dir() / "uploads" / f"{hashlib.sha256(data).hexdigest()[:12]}" / f"{stem}.zip"
     if not path.is_file():
-        temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with writing(path, "the uploaded zip", temporary):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary.write_bytes(data)
-            os.replace(temporary, path)
+        atomic_write_bytes(path, data, "the uploaded zip")
     return path
 
 

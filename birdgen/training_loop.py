@@ -404,6 +404,9 @@ def run_crops(config: TrainConfig, progress: bool = False) -> Crops:
         raise TrainingError(str(error)) from None
     if crops.unusable and not config.skip_unreadable:
         raise TrainingError(refusal(crops, config.data))
+    if crops.unusable:
+        print(f"Leaving out {len(crops.unusable)} pictures that cannot be used (skip_unreadable; `birdgen data check"
+              f" {config.data}` lists them)", flush=True)
     return crops
 
 
@@ -635,13 +638,26 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = 
     guidance record)."""
     folder = RunFolder(run_dir, 1, set())
     checkpoint = folder.checkpoints.at_step(step)
-    config = TrainConfig.from_dict(folder.config_values(), str(folder.path / "config.json"))
     species = folder.info().get("species") or []
-    network_config = dataclasses.replace(config.network_config(), num_classes=len(species))
+    network_config, diffusion_config = run_networks(run_dir)
     network = UNet(network_config)
     network.load_state_dict(load_file(str(checkpoint / ("ema.safetensors" if averaged else "model.safetensors"))))
     state = read_state(checkpoint)
     training = {"steps": state["step"], "images_seen": state["images_seen"],
                 "train_hours": round(state["train_seconds"] / 3600, 2)}
-    return save_model(out, network, network_config, config.diffusion_config(), half=half, card=card,
+    return save_model(out, network, network_config, diffusion_config, half=half, card=card,
                       training=training, data=data, species=species or None, guidance=guidance)
+
+
+def run_networks(run_dir: str | os.PathLike) -> tuple[UNetConfig, DiffusionConfig]:
+    """The network (with its classes) and diffusion settings a run trained, as its run.json
+    recorded them when it started (so a fine-tune's export needs no longer the folder it began from)."""
+    from .model_folder import diffusion_from_dict
+
+    folder = RunFolder(run_dir, 1, set())
+    info = folder.info()
+    if "network" in info and "diffusion" in info:
+        return UNetConfig.from_dict(info["network"]), diffusion_from_dict(info["diffusion"])
+    config = TrainConfig.from_dict(folder.config_values(), str(folder.path / "config.json"))
+    network = dataclasses.replace(config.network_config(), num_classes=len(info.get("species") or []))
+    return network, config.diffusion_config()

@@ -82,6 +82,14 @@ def data_root() -> Path:
     return Path(os.environ.get("BIRDGEN_DATA") or REPO.parent / "shared" / "data" / "CUB_200_2011")
 
 
+def model_data(model: BirdModel) -> Path:
+    """Where a model's own pictures are: the folder its split record names, where it still is,
+    else the default CUB folder (the shipped models' data)."""
+    if model.data is not None and model.data.path and Path(model.data.path).exists():
+        return Path(model.data.path)
+    return data_root()
+
+
 def available_models() -> list[Path]:
     root = models_dir()
     if not root.is_dir():
@@ -162,21 +170,23 @@ def ddim_steps(model: BirdModel, container, key: str, help: str | None = None) -
 
 
 def species_picker(model: BirdModel, label: str, key: str, container=st) -> int | None:
-    """A searchable select box over a species model's species, "any species" first; returns the
-    chosen CUB class id, or None."""
+    """A searchable select box over a class-conditional model's species (or a folder's classes),
+    "any species" first; returns the chosen class id, or None."""
     from .species import readable
 
+    word = model.class_word
     names = {class_id: f"{readable(name)} ({class_id})" for class_id, name in model.species}
-    return container.selectbox(label, [None, *names], key=key, format_func=lambda c: "any species" if c is None
-                               else names[c], help="Type to search. 'any species' samples without a label.")
+    return container.selectbox(label, [None, *names], key=key, format_func=lambda c: f"any {word}" if c is None
+                               else names[c], help=f"Type to search. 'any {word}' samples without a label.")
 
 
 def guidance_slider(model: BirdModel, key: str, disabled: bool = False, container=st) -> float:
     low, high = SPECIES_WEIGHT_RANGE
-    return float(container.slider("Species guidance", low, high, model.resolve_guidance().species_weight, 0.5,
-                                  key=key, disabled=disabled,
-                                  help="How closely to follow the species: 0 ignores it, 1 is the plain conditional "
-                                       "model, higher gives more typical birds of it with less variety."))
+    word = model.class_word
+    return float(container.slider(f"{word.capitalize()} guidance", low, high, model.resolve_guidance().species_weight,
+                                  0.5, key=key, disabled=disabled,
+                                  help=f"How closely to follow the {word}: 0 ignores it, 1 is the plain conditional "
+                                       f"model, higher gives more typical birds of it with less variety."))
 
 
 def guide_weight_control(model: BirdModel, key: str, container=st) -> float:
@@ -206,7 +216,7 @@ def guidance_controls(model: BirdModel, key: str) -> GuidanceChoice:
     class_id, species_weight = None, None
     if model.conditional:
         columns = st.columns(2)
-        class_id = species_picker(model, "Species", f"{key}_species", columns[0])
+        class_id = species_picker(model, model.class_word.capitalize(), f"{key}_species", columns[0])
         species_weight = guidance_slider(model, f"{key}_guidance", class_id is None, columns[1])
     return GuidanceChoice(class_id, species_weight, guide_weight_control(model, key))
 
@@ -332,11 +342,19 @@ def _check_report(path: str, fingerprint: str):
     return check_dataset(path, progress=False)
 
 
-@st.cache_resource(show_spinner="Cropping the dataset…")
-def real_crops(root: str, size: int):
+def model_crops(model: BirdModel):
+    """Real crops of a model's own pictures, cut as it saw them (`model_data`; its split record's
+    crop settings, or the default crops)."""
+    record = model.data
+    settings = (record.crop, record.padding, record.background or "white") if record else (None, 0.1, "white")
+    return _real_crops(str(model_data(model)), model.network_config.image_size, *settings)
+
+
+@st.cache_resource(show_spinner="Cropping the dataset…", max_entries=8)
+def _real_crops(root: str, size: int, crop: str | None, padding: float, background: str):
     from .data import load_crops
 
-    return load_crops(root, size, progress=False)
+    return load_crops(root, size, crop, padding, background, progress=False)
 
 
 def picture_source(model: BirdModel, key: str):
@@ -353,7 +371,7 @@ def picture_source(model: BirdModel, key: str):
         return _generated_picture(model, int(seed), str(model.path))
     if source == "a real bird crop":
         try:
-            crops = real_crops(str(data_root()), size)
+            crops = model_crops(model)
         except DatasetError as error:
             st.info(f"No dataset found ({error}). Set BIRDGEN_DATA to a CUB_200_2011 folder, or use another source.")
             return None

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-
+import io
 import math
 import os
 import platform
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -53,16 +54,41 @@ def writing(path: Path, what: str, temporary: Path | None = None):
         raise WriteError(f"{path}: could not write {what} ({reason})") from None
 
 
+def atomic_write(path: str | os.PathLike, what: str, write: Callable[[Path], object]) -> Path:
+    """The one way birdgen writes a file: `write(temporary)` fills a temporary file beside `path`
+    (same suffix, so that writers that go by it still do), which then replaces `path` at once, so no
+    reader ever sees half a file; a full disk or an unwritable folder is one WriteError naming
+    `path` and `what`, and the temporary file is gone."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    with writing(path, what, temporary):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(temporary)
+        os.replace(temporary, path)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, what: str = "the file") -> Path:
+    return atomic_write(path, what, lambda temporary: temporary.write_text(text))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str = "the file") -> Path:
+    return atomic_write(path, what, lambda temporary: temporary.write_bytes(data))
+
+
+def torch_bytes(obj) -> bytes:
+    """`torch.save` into memory: its zip writer reports a full disk as a RuntimeError that names no
+    file ("unexpected pos …"), while the plain write of these bytes reports it as an OSError."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: int | None = None) -> Path:
     """Writes the images as one PNG grid; a single image without the grid's white frame, so that
     it can go straight back in as a picture (e.g. to `birdgen edit`)."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    with writing(path, "the image", temporary):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid_image(images, columns, padding=2 if len(images) > 1 else 0).save(temporary)
-        os.replace(temporary, path)
-    return path
+    grid = grid_image(images, columns, padding=2 if len(images) > 1 else 0)
+    return atomic_write(path, "the image", lambda temporary: grid.save(temporary, format="PNG"))
 
 
 def cpu_model() -> str:

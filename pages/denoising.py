@@ -23,7 +23,7 @@ source = st.radio("Start from", ["a real bird crop", "a generated bird"], horizo
 x0 = None
 if source == "a real bird crop":
     try:
-        crops = ui.real_crops(str(ui.data_root()), model.network_config.image_size)
+        crops = ui.model_crops(model)
         index = st.slider("Which crop", 0, len(crops) - 1, 0)
         x0 = crops.tensor([index])
     except DatasetError as error:

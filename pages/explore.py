@@ -28,8 +28,8 @@ with interpolate:
         st.caption("A species model can also move from one species to another (with the same seed twice, only the "
                    "species changes).")
         columns = st.columns(3)
-        pair = (ui.species_picker(model, "From species", "lerp_from", columns[0]),
-                ui.species_picker(model, "To species", "lerp_to", columns[1]))
+        pair = (ui.species_picker(model, f"From {model.class_word}", "lerp_from", columns[0]),
+                ui.species_picker(model, f"To {model.class_word}", "lerp_to", columns[1]))
         guidance = ui.guidance_slider(model, "lerp_guidance", None in pair, columns[2])
         species = None if None in pair else tuple(species_index(model, c) for c in pair)
     lerp_guide = ui.guide_weight_control(model, "lerp")

@@ -7,10 +7,11 @@ from birdgen import ui
 from birdgen.model_folder import ModelError
 from birdgen.data import DatasetError
 from birdgen.evaluation import (MEMORIZATION_PAIRS_FILE, MIN_SAMPLES, EvalSettings, EvaluationError, resolve_sampler,
-                                run_evaluation, save_evaluation, summary)
+                                run_evaluation, save_evaluation, short_summary, summary)
 from birdgen.features import FEATURE_LABELS, FeatureError
 from birdgen.training_jobs import run_folders
 from birdgen.run_folder import read_metrics
+from birdgen.utils import WriteError
 
 ui.through_app_navigation()
 st.title("📊 Metrics")
@@ -71,12 +72,13 @@ st.caption(f"Samples with {sampler} {steps} steps"
 if st.button("Run evaluation", type="primary", key="evaluate"):
     bar = st.progress(0.0, text="Starting…")
     try:
-        result = run_evaluation(model, ui.data_root(), EvalSettings(reference, int(num_samples),
+        result = run_evaluation(model, ui.model_data(model), EvalSettings(reference, int(num_samples),
                                                                     guide_weight=guide_weight),
                                 requested, progress=lambda stage, done, total: bar.progress(
                                     done / total, text=f"{stage}: {done}/{total}"), notify=st.info)
-        saved = save_evaluation(model, result)
-    except (FeatureError, DatasetError, EvaluationError, ModelError, ValueError, OSError) as error:
+        saved, replaced = save_evaluation(model, result, replace=True)  # pressing the button again measures anew
+    except (FeatureError, DatasetError, EvaluationError, ModelError, ValueError, OSError, WriteError) as error:
         st.error(str(error))
         st.stop()
-    st.success(f"{summary(result.metrics)} — saved to {saved}")
+    st.success(f"{summary(result.metrics)} — saved to {saved}"
+               + (f", replacing the same measurement made before ({short_summary(replaced)})" if replaced else ""))

@@ -12,7 +12,8 @@ from birdgen.data import DatasetError
 from birdgen.networks import PRESETS
 from birdgen.run_folder import read_metrics
 from birdgen.training_jobs import (FORM_LIMITS, LR_RANGE, UPLOAD_LIMIT_MB, TrainForm, current_job, export_to_models,
-                                   last_job, log_tail, progress_text, save_upload, start_training, stop_training)
+                                   last_job, log_tail, progress_text, run_failure, save_upload, start_training,
+                                   stop_training)
 from birdgen.utils import WriteError
 
 REFRESH_S = 2.0  # how often the live view rereads the run folder while a run is going
@@ -45,32 +46,36 @@ mode = st.radio("Start", [FINE_TUNE, FROM_SCRATCH], horizontal=True, key="train_
 models = [p.name for p in ui.available_models()]
 with st.form("train"):
     columns = st.columns(3)
-    run_name = columns[0].text_input("Run name", "my-birds", help="Letters, digits, '-', '_', '.'")
+    run_name = columns[0].text_input("Run name", "my-birds", help="Letters, digits, '-', '_', '.'", key="train_run")
     has_classes = report is not None and report.layout != "flat"
     conditional = columns[1].toggle("One class per folder (class-conditional)", value=has_classes,
-                                    disabled=not has_classes, help="Lets you pick a class when generating")
+                                    disabled=not has_classes, help="Lets you pick a class when generating",
+                                    key="train_conditional")
     if mode == FINE_TUNE:
         start_from = columns[2].selectbox("Shipped model to start from", models,
-                                          index=models.index("small-attn") if "small-attn" in models else 0)
+                                          index=models.index("small-attn") if "small-attn" in models else 0,
+                                          key="train_start_from")
         defaults = TrainForm.fine_tune(data, run_name, "", conditional)
     else:
         start_from = None
         defaults = TrainForm(data, run_name)
-        preset = columns[2].selectbox("Network preset", list(PRESETS), index=list(PRESETS).index(defaults.preset))
+        preset = columns[2].selectbox("Network preset", list(PRESETS), index=list(PRESETS).index(defaults.preset),
+                                      key="train_preset")
         columns = st.columns(3)
-        attention = columns[0].toggle("Self-attention (8×8)", value=defaults.attention)
-        schedule = columns[1].selectbox("Noise schedule", ["cosine", "linear"])
+        attention = columns[0].toggle("Self-attention (8×8)", value=defaults.attention, key="train_attention")
+        schedule = columns[1].selectbox("Noise schedule", ["cosine", "linear"], key="train_schedule")
     columns = st.columns(4)
-    batch_size = columns[0].number_input("Batch size", *FORM_LIMITS["batch_size"], defaults.batch_size)
-    lr = columns[1].number_input("Learning rate", *LR_RANGE, defaults.lr, format="%.5f")
-    steps = columns[2].number_input("Steps (at most)", *FORM_LIMITS["steps"], defaults.steps, step=100)
+    batch_size = columns[0].number_input("Batch size", *FORM_LIMITS["batch_size"], defaults.batch_size, key="train_batch")
+    lr = columns[1].number_input("Learning rate", *LR_RANGE, defaults.lr, format="%.5f", key=f"train_lr_{mode}")
+    steps = columns[2].number_input("Steps (at most)", *FORM_LIMITS["steps"], defaults.steps, step=100,
+                                 key=f"train_steps_{mode}")
     minutes = columns[3].number_input("Minutes (at most; 0: no limit)", *map(float, FORM_LIMITS["max_minutes"]),
-                                      float(defaults.max_minutes), step=5.0)
+                                      float(defaults.max_minutes), step=5.0, key=f"train_minutes_{mode}")
     columns = st.columns(2)
     every = columns[0].number_input("Checkpoint and preview every (steps)", *FORM_LIMITS["checkpoint_every"],
-                                    defaults.checkpoint_every)
+                                    defaults.checkpoint_every, key=f"train_every_{mode}")
     skip = columns[1].checkbox("Leave out pictures that cannot be used", value=False,
-                               disabled=report is None or not report.unusable)
+                               disabled=report is None or not report.unusable, key="train_skip")
     start = st.form_submit_button("Start training", type="primary", disabled=job is not None or report is None)
 
 if start:
@@ -146,8 +151,12 @@ def run_view(was_running: bool) -> None:
         else:
             st.info(f"Starting (pid {running.pid}, {time.time() - running.started:.0f} s): loading the crops and "
                     "building the network; the first steps appear here in a few seconds.")
-    elif records:
-        st.caption(progress_text(records, form["steps"], form["batch_size"]).split(" · about")[0])
+    else:
+        failure = run_failure(shown)
+        if failure:
+            st.error(f"The run stopped: {failure}")
+        if records:
+            st.caption(progress_text(records, form["steps"], form["batch_size"]).split(" · about")[0])
     if records:
         frame = pd.DataFrame(records).set_index("step")
         st.line_chart(frame["loss"], x_label="step", y_label="loss", height=260)

@@ -1,5 +1,6 @@
 """Every page under Streamlit's headless AppTest, on tiny models made by the tests."""
 
+import json
 import re
 import time
 
@@ -146,7 +147,7 @@ def test_metrics_page_lists_models_and_evaluates_offline(models, tiny_cub, tmp_p
 
     config = json.loads((models / "small-attn" / "config.json").read_text())
     crops = load_crops(tiny_cub, 64, progress=False)
-    config["data"] = split_record(crops, tiny_cub, "square", 0.1, "random", 0, 0.3, "train")
+    config["data"] = split_record(crops, "random", 0, 0.3, "train")
     (models / "small-attn" / "config.json").write_text(json.dumps(config))
     at = app(PAGES / "metrics.py")
     at.selectbox(key="eval_model").set_value("small-attn")
@@ -161,17 +162,46 @@ def test_metrics_page_lists_models_and_evaluates_offline(models, tiny_cub, tmp_p
     assert len(at.get("image")) == 1  # the closest generated/training pairs
 
 
-def test_train_page_validates_then_starts_and_stops(models, tiny_cub, tmp_path):
+def test_train_page_checks_pictures_and_refuses_what_cannot_train(models, tmp_path):
+    from test_sources import bad_folder
+
     at = app(PAGES / "train.py")
-    (tmp_path / "not-cub").mkdir()
-    at.text_input[0].set_value(str(tmp_path / "not-cub"))
-    at.button[0].click().run()  # the form's submit button
-    assert "missing CUB metadata file" in at.error[0].value
-    at.text_input[0].set_value(str(tiny_cub))
-    at.text_input[1].set_value("bad name; rm -rf /")
+    (tmp_path / "empty").mkdir()
+    at.text_input(key="train_data").set_value(str(tmp_path / "empty")).run()
+    assert "no pictures found" in at.error[0].value
+    assert at.button[0].disabled  # Start needs pictures
+    at.text_input(key="train_data").set_value(str(bad_folder(tmp_path / "bad"))).run()
+    assert [m.value for m in at.metric][:3] == ["21", "4", "2"]  # pictures, cannot be used, classes
+    assert "Fish/deeper/empty.jpg: empty file" in at.warning[0].value
     at.button[0].click().run()
-    assert "run name" in at.error[0].value
-    at.text_input[1].set_value("tiny")
+    assert "4 pictures cannot be used" in at.error[0].value and not (tmp_path / "runs").exists()
+    upload = at.file_uploader(key="train_upload")
+    upload.set_value(("pictures.zip", b"hello, not a zip", "application/zip")).run()
+    assert "not a readable zip archive" in at.error[0].value and at.button[0].disabled
+
+
+def zipped(folder) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(folder.rglob("*.jpg")):
+            archive.write(path, f"{folder.name}/{path.relative_to(folder)}")
+    return buffer.getvalue()
+
+
+def test_train_page_fine_tunes_an_uploaded_zip_stops_resumes_and_exports(models, tmp_path):
+    from test_own_pictures import class_folder
+
+    at = app(PAGES / "train.py")
+    upload = zipped(class_folder(tmp_path / "my-birds"))
+    at.file_uploader(key="train_upload").set_value(("my-birds.zip", upload, "application/zip")).run()
+    assert not at.error and [m.value for m in at.metric][:3] == ["40", "0", "2"]
+    assert "Kept (not extracted)" in at.caption[0].value and len(at.get("image")) == 1  # the preview
+    assert at.selectbox(key="train_start_from").value == "small-attn" and at.toggle(key="train_conditional").value
+    assert at.number_input(key="train_steps_Fine-tune a shipped model").value == 3000  # the fine-tune defaults
+    at.text_input(key="train_run").set_value("tiny")
     at.button[0].click().run()
     assert not at.exception and "Started training" in at.success[0].value
     log_path = tmp_path / "runs" / "tiny.log"
@@ -182,7 +212,8 @@ def test_train_page_validates_then_starts_and_stops(models, tiny_cub, tmp_path):
     finally:
         at.button(key="stop").click().run()
     assert any(s.value == "Stopped." for s in at.success)
-    assert (tmp_path / "runs" / "tiny" / "config.json").is_file()
+    config = json.loads((tmp_path / "runs" / "tiny" / "config.json").read_text())
+    assert config["init_from"].endswith("small-attn") and config["conditional"] and config["data"].endswith(".zip")
     stopped_at = re.findall(r"Stopped by signal at step (\d+)", log_path.read_text())[-1]
 
     at.run()
@@ -194,6 +225,19 @@ def test_train_page_validates_then_starts_and_stops(models, tiny_cub, tmp_path):
         at.run()
         at.button(key="stop").click().run()
     assert f"from step-{int(stopped_at):07d} at step {stopped_at}" in log_path.read_text()
+
+    at.run()
+    at.text_input(key="export_name").set_value("my-birds")
+    next(b for b in at.button if b.label == "Export").click().run()
+    assert not at.exception and "Exported" in at.success[-1].value
+    exported = models / "my-birds"
+    assert (exported / "model.safetensors").is_file() and not list(models.glob(".exporting-*"))
+    next(b for b in at.button if b.label == "Export").click().run()
+    assert "already exists" in at.error[0].value
+    generate = app(PAGES / "generate.py")
+    assert "my-birds" in generate.selectbox(key="model").options  # every picker, no restart
+    generate.selectbox(key="model").set_value("my-birds").run()
+    assert not generate.exception and any("Class" in s.label for s in generate.selectbox)
 
 
 def png_upload(mode="RGBA", size=(50, 40)) -> bytes:
@@ -351,7 +395,7 @@ def test_metrics_page_evaluates_students_and_species_models_with_their_own_sampl
 
     monkeypatch.setenv("BIRDGEN_DATA", str(tiny_cub))
     crops = load_crops(tiny_cub, 64, progress=False)
-    record = split_record(crops, tiny_cub, "square", 0.1, "random", 0, 0.3, "train")
+    record = split_record(crops, "random", 0, 0.3, "train")
     student = build_model(preset("small", channels=(8, 16)), DiffusionConfig(num_steps=100))
     save_model(models / "student", student.network, student.network_config, student.diffusion_config, data=record,
                sampling={"sampler": "ddim", "steps": 2})

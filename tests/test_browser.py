@@ -99,7 +99,7 @@ def test_the_train_page_updates_by_itself_while_a_run_is_live(browser_and_url, t
         page.get_by_role("button", name="Start training").click()
         started = time.perf_counter()
         try:
-            status = page.get_by_text(re.compile(r"step \d+ of 2,000 · [\d.]+ images/s · about"))
+            status = page.get_by_text(re.compile(r"step \d+ of 3,000 · [\d.]+ images/s · about"))
             status.wait_for(timeout=90_000)  # no button pressed since Start
             first = status.inner_text()
             seen_after_s = time.perf_counter() - started
@@ -111,6 +111,40 @@ def test_the_train_page_updates_by_itself_while_a_run_is_live(browser_and_url, t
         finally:
             page.get_by_role("button", name="Stop (saves a checkpoint)").click()
         page.get_by_text("Stopped.").wait_for(timeout=90_000)
+
+
+def test_pictures_of_your_own_fine_tuned_exported_and_generated_in_the_browser(browser_and_url, tmp_path):
+    from birdgen.diffusion import DiffusionConfig
+    from birdgen.model_folder import build_model, save_model
+    from birdgen.networks import preset
+    from test_own_pictures import class_folder
+
+    models = tmp_path / "models"
+    tiny = build_model(preset("small-attn", channels=(8, 16)), DiffusionConfig(num_steps=100))
+    save_model(models / "small-attn", tiny.network, tiny.network_config, tiny.diffusion_config)
+    env = {"BIRDGEN_RUNS_DIR": str(tmp_path / "runs"), "BIRDGEN_DATA": str(class_folder(tmp_path / "my-birds")),
+           "BIRDGEN_CACHE_DIR": str(tmp_path / "cache"), "BIRDGEN_MODELS_DIR": str(models)}
+    with fresh_server_page(browser_and_url[0], env, height=1800) as (url, page):
+        page.goto(url + "/train", wait_until="networkidle")
+        page.get_by_text("What the model will see").wait_for(timeout=60_000)  # the check's preview
+        for label, value in (("Steps (at most)", 6), ("Checkpoint and preview every (steps)", 3)):
+            field = page.get_by_role("spinbutton", name=label)
+            field.fill(str(value))
+            field.press("Enter")
+        page.get_by_role("button", name="Start training").click()
+        page.get_by_text("Not running.").wait_for(timeout=180_000)  # 6 steps, then the run ends by itself
+        page.get_by_label("Model name").fill("browser-birds")
+        page.get_by_role("button", name="Export", exact=True).click()
+        page.get_by_text("Exported").wait_for(timeout=180_000)
+        page.screenshot(path=str(ARTIFACTS / "train-export.png"), full_page=True)
+        page.goto(url, wait_until="networkidle")
+        page.get_by_text("birdgen — generate birds").wait_for(timeout=60_000)
+        page.get_by_label("Model").first.click()
+        page.get_by_role("option", name="browser-birds", exact=True).click()
+        page.get_by_text("any class").first.wait_for(timeout=30_000)  # its class picker
+        seconds = generate_birds(page, steps=5, count=2)
+        assert seconds < 120 and (models / "browser-birds" / "model.safetensors").is_file()
+        page.screenshot(path=str(ARTIFACTS / "generate-own-model.png"), full_page=True)
 
 
 def test_explore_page_interpolates_in_the_browser(browser_and_url):

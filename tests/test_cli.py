@@ -137,7 +137,7 @@ def test_eval_with_mobilenet_features_runs_offline_and_writes_every_figure(tiny_
     crops = load_crops(tiny_cub, size=16, progress=False)
     model = build_model(preset("small", channels=(8, 16), image_size=16), DiffusionConfig(num_steps=50))
     save_model(tmp_path / "m", model.network, model.network_config, model.diffusion_config, card="# m\n",
-               data=split_record(crops, tiny_cub, "square", 0.1, "random", 0, 0.3, "train"))
+               data=split_record(crops, "random", 0, 0.3, "train"))
     args = ["eval", "--model", str(tmp_path / "m"), "--data", str(tiny_cub), "--num-samples", "12", "--steps", "2",
             "--features", "mobilenet", "--device", "cpu"]
     assert main(args) == 0

@@ -29,7 +29,7 @@ def make_teacher(folder, data_root, **extra):
     torch.manual_seed(0)
     model = build_model(TINY, DIFFUSION)
     crops = load_crops(data_root, 16, progress=False)
-    record = split_record(crops, data_root, "square", 0.1, "official", 0, 0.2, "train")
+    record = split_record(crops, "official", 0, 0.2, "train")
     return save_model(folder, model.network, TINY, DIFFUSION, data=record, **extra)
 
 

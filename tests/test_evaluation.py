@@ -144,7 +144,7 @@ def test_memorization_flags_exact_and_mirrored_copies_but_not_unseen_photos():
 
 def tiny_model(folder, crops, tiny_cub, train_on="train"):
     model = build_model(preset("small", channels=(8, 16), image_size=16), DiffusionConfig(num_steps=100))
-    record = split_record(crops, tiny_cub, "square", 0.1, "random", 0, 0.3, train_on)
+    record = split_record(crops, "random", 0, 0.3, train_on)
     save_model(folder, model.network, model.network_config, model.diffusion_config, card="# m\n\n## Samples\nx\n",
                data=record)
     return load_model(folder)
@@ -173,10 +173,11 @@ def test_evaluate_end_to_end_writes_metrics_card_and_caches_real_features(tiny_c
                          progress=lambda stage, done, total: seen.append(stage))
     assert not any(stage.startswith(("real crops", "mirrored")) for stage in seen)
     assert again.metrics["fid"] == pytest.approx(metrics["fid"])
-    path = write_metrics(model, evaluation)
+    assert write_metrics(model, evaluation) is None
     write_metrics(model, Evaluation({**again.metrics, "feature_space": "other-space"}, []))
-    stored = json.loads(path.read_text())
-    assert set(stored) == {"test-space", "other-space"} and stored["test-space"]["feature_extractor"] == "colour-stats"
+    stored = json.loads((model.path / "metrics.json").read_text())
+    assert set(stored) == {"test-space", "other-space", "evaluations"} and len(stored["evaluations"]) == 2
+    assert stored["test-space"]["feature_extractor"] == "colour-stats"
     assert (model.path / "memorization.png").is_file()
     update_card_quality(model.path)
     card = (model.path / "README.md").read_text()

@@ -118,7 +118,7 @@ def test_conditional_training_resumes_exactly_and_starts_from_an_unconditional_m
     base = dict(conditional=True, label_dropout=0.3)
     train(config(tiny_cub, steps=4), tmp_path / "plain")
     export_with_card(tmp_path / "plain", tmp_path / "plain-model", half=False)
-    start = dict(base, init_from=str(tmp_path / "plain-model"))
+    start = dict(base, init_from=str(tmp_path / "plain-model"), channels=None)  # the network comes with it
     train(config(tiny_cub, steps=4, **start), tmp_path / "straight")
     train(config(tiny_cub, steps=2, **start), tmp_path / "halves")
     train(config(tiny_cub, steps=4, **start), tmp_path / "halves", resume=True)
@@ -133,9 +133,11 @@ def test_conditional_training_resumes_exactly_and_starts_from_an_unconditional_m
 
     # a zero class embedding: the first step starts from exactly the unconditional network
     fresh = TrainConfig(**{**config(tiny_cub).__dict__, **start})
-    with pytest.raises(TrainingError, match="its network differs in channels"):
+    with pytest.raises(TrainingError, match="brings its own network; drop channels"):
         train(TrainConfig(**{**fresh.__dict__, "channels": (8, 24)}), tmp_path / "other")
-    with pytest.raises(TrainingError, match="not a model folder"):
+    with pytest.raises(TrainingError, match="this run sets prediction 'v' \\(it has 'epsilon'\\)"):
+        train(TrainConfig(**{**fresh.__dict__, "prediction": "v"}), tmp_path / "other")
+    with pytest.raises(TrainingError, match="nothing/config.json: missing model config"):
         TrainConfig(**{**fresh.__dict__, "init_from": str(tmp_path / "nothing")}).validate()
 
 
@@ -228,7 +230,7 @@ def test_a_species_model_is_evaluated_on_the_species_of_the_real_crops(tiny_cub,
     model = build_model(preset("small", channels=(8, 16), image_size=16, num_classes=3), DiffusionConfig(num_steps=50))
     save_model(tmp_path / "m", model.network, model.network_config, model.diffusion_config, card="# m\n",
                species=[[c, crops.class_names[c]] for c in (1, 2, 3)],
-               data=split_record(crops, tiny_cub, "square", 0.1, "random", 0, 0.3, "train"))
+               data=split_record(crops, "random", 0, 0.3, "train"))
     model = load_model(tmp_path / "m")
     with pytest.warns(UserWarning):
         evaluation = evaluate(model, crops, EvalSettings(num_samples=10, steps=2, batch_size=4, guidance=2.0),

@@ -181,7 +181,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_cub, tmp_path):
 def test_cli_rejects_non_cub_folder_and_unknown_config_key(tmp_path):
     process = run_cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "run"))
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 2 and "images.txt: missing CUB metadata file" in err
+    assert process.returncode == 2 and "no pictures found" in err
     assert len(err.strip().splitlines()) == 1
     (tmp_path / "c.json").write_text('{"batchsize": 3}')
     process = run_cli("train", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "run"))
@@ -369,7 +369,7 @@ def test_a_full_disk_ends_training_in_one_line_and_keeps_the_last_checkpoint(tin
     flags = ["train", "--out", str(run), "--data", str(tiny_cub), "--preset", "small", "--channels", "8,16",
              "--image-size", "16", "--steps", "4", "--checkpoint-every", "2", "--sample-every", "100",
              "--log-every", "2", "--batch-size", "4", "--noise-steps", "50", "--sample-steps", "5", "--no-progress"]
-    assert cli_main(flags) == 2
+    assert cli_main(flags) == 1  # the machine's fault, not the command's: exit status 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "step-0000004: could not write the checkpoint of step 4" in err
     assert "No space left on device" in err

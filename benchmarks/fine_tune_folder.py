@@ -1,0 +1,108 @@
+"""Fine-tuning a shipped model on a folder of pictures of classes it never saw, with the defaults
+a fine-tune gets (`birdgen train --data FOLDER --init-from models/small-attn --conditional`:
+15 minutes of the machine), then the project's evaluation against the folder's own held-out
+pictures: species top-1 of the samples against the held-out real pictures' (the same classifier),
+pixel near-copies against the rate held-out pictures give, FD. Also writes the same-noise
+picture before/after (row 1 the shipped model, then one row per class, the same seeds).
+
+The folder: 8 species of ../shared/data/CUB_extra_folder (60 pictures each; the stratified split
+holds out 12 of each), copied to the cache directory. Run:
+python benchmarks/fine_tune_folder.py [--run runs/ft-extra8] [--weights 3 5]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import REAL_CUB, REPO, machine, save
+
+from birdgen.data import cache_dir
+from birdgen.evaluation import EvalSettings, run_evaluation
+from birdgen.model_folder import load_model
+from birdgen.pipeline import GenerationRequest, generate
+from birdgen.utils import save_grid
+
+EXTRA = REAL_CUB.parent / "CUB_extra_folder"
+SPECIES = ("American_Redstart", "Anna_Hummingbird", "Blue_Grosbeak", "Cactus_Wren", "Horned_Puffin",
+           "Pileated_Woodpecker", "Summer_Tanager", "Western_Grebe")
+
+
+def subset() -> Path:
+    """The 8 species' folders, copied once (the shared folder is read-only)."""
+    folder = cache_dir() / "benchmarks" / "extra8"
+    if not folder.is_dir():
+        staging = folder.with_name(".extra8-copying")
+        shutil.rmtree(staging, ignore_errors=True)
+        for name in SPECIES:
+            shutil.copytree(EXTRA / name, staging / name)
+        staging.rename(folder)
+    return folder
+
+
+def same_noise_picture(base: str, tuned, out: Path, count: int = 8) -> None:
+    """Row 1: the shipped model from seeds 0…count-1; then each class of the fine-tuned model from
+    the same noise (DDIM 50, its default class guidance)."""
+    before = load_model(REPO / base, guide="none")
+    rows = [generate(before, GenerationRequest("ddim", 50, count, seed=0)).images]
+    for index in range(len(tuned.species)):
+        rows.append(generate(tuned, GenerationRequest("ddim", 50, count, seed=0, species=(index,))).images)
+    save_grid(torch.cat(rows), out, columns=count)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run", default="runs/ft-extra8", help="run folder (trained first unless it has checkpoints)")
+    parser.add_argument("--base", default="models/small-attn")
+    parser.add_argument("--weights", type=float, nargs="+", default=[None],
+                        help="class guidance weights to evaluate (default: the exported model's own)")
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--picture", default="docs/fine-tune-before-after.png")
+    args = parser.parse_args()
+    if not EXTRA.is_dir():
+        sys.exit(f"needs {EXTRA}")
+    data, run = subset(), REPO / args.run
+    description = machine()
+    command = [sys.executable, "-m", "birdgen", "train", "--out", str(run), "--data", str(data), "--init-from",
+               str(REPO / args.base), "--conditional", "--no-progress"]
+    if not (run / "checkpoints").is_dir():
+        started = time.perf_counter()
+        subprocess.run(command, check=True, cwd=REPO)
+        print(f"trained in {time.perf_counter() - started:.0f} s")
+    model_dir = run.with_name(run.name + "-model")
+    subprocess.run([sys.executable, "-m", "birdgen", "export", str(run), "--to", str(model_dir)], check=True, cwd=REPO)
+    model = load_model(model_dir)
+    rows = []
+    for weight in args.weights:
+        evaluation = run_evaluation(model, data, EvalSettings(num_samples=args.num_samples, guidance=weight),
+                                    "mobilenet")
+        m = evaluation.metrics
+        accuracy, memo = m["species_accuracy"], m["memorization"]
+        rows.append({"species_weight": m["guidance"], "sampler": f"{m['sampler']} {m['steps']}",
+                     "generated_top1": round(accuracy["generated_top1"], 4),
+                     "heldout_top1": round(accuracy["heldout_top1"], 4),
+                     "relative_top1": round(accuracy["relative_top1"], 4),
+                     "pixel_near_copies": round(memo["pixel"]["near_copy_fraction"], 4),
+                     "heldout_rate": memo["near_copy_percentile"] / 100,
+                     "feature_near_copies": round(memo["feature"]["near_copy_fraction"], 4),
+                     "fd": round(m["fid"], 1), "kid": round(m["kid_mean"], 4), "precision": round(m["precision"], 3),
+                     "recall": round(m["recall"], 3)})
+        print(rows[-1], flush=True)
+    same_noise_picture(args.base, model, REPO / args.picture)
+    info = (run / "run.json").read_text()
+    save("fine_tune_folder", {"machine": description, "species": list(SPECIES), "command": " ".join(command),
+                              "training": model.training.to_dict(), "num_train": model.data.num_train,
+                              "num_heldout": model.data.num_images - model.data.num_train,
+                              "run_machine": json.loads(info).get("machine"), "rows": rows,
+                              "picture": args.picture})
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()

@@ -24,7 +24,7 @@ import torch
 from common import REAL_CUB, REPO, machine, save
 
 from birdgen.data import cache_dir
-from birdgen.evaluation import EvalSettings, run_evaluation
+from birdgen.evaluation import EvalSettings, run_evaluation, save_pairs
 from birdgen.model_folder import load_model
 from birdgen.pipeline import GenerationRequest, generate
 from birdgen.utils import save_grid
@@ -94,6 +94,7 @@ def main():
                      "fd": round(m["fid"], 1), "kid": round(m["kid_mean"], 4), "precision": round(m["precision"], 3),
                      "recall": round(m["recall"], 3)})
         print(rows[-1], flush=True)
+        save_pairs(evaluation.closest_pairs, model_dir / f"closest-pairs-w{m['guidance']:g}.png")
     same_noise_picture(args.base, model, REPO / args.picture)
     info = (run / "run.json").read_text()
     save("fine_tune_folder", {"machine": description, "species": list(SPECIES), "command": " ".join(command),

@@ -410,6 +410,11 @@ def stored_alike(model: BirdModel, metrics: dict) -> dict | None:
     return next((r for r in read_evaluations(model.path / METRICS_FILE) if evaluation_key(r) == key), None)
 
 
+def already_stored(model: BirdModel, alike: dict) -> EvaluationError:
+    return EvaluationError(f"{model.path / METRICS_FILE}: already holds this measurement ({short_summary(alike)});"
+                           " pass --replace to measure it again and replace it")
+
+
 def write_metrics(model: BirdModel, evaluation: Evaluation, replace: bool = False) -> dict | None:
     """Adds one evaluation to the model folder's metrics.json, beside the others (other settings
     and feature spaces stay); one that measured the same as a stored one replaces it only with
@@ -419,8 +424,7 @@ def write_metrics(model: BirdModel, evaluation: Evaluation, replace: bool = Fals
     records = read_evaluations(path)
     alike = stored_alike(model, evaluation.metrics)
     if alike is not None and not replace:
-        raise EvaluationError(f"{path}: already holds this measurement ({short_summary(alike)}); pass --replace to"
-                              " replace it")
+        raise already_stored(model, alike)
     key = evaluation_key(evaluation.metrics)
     records = [r for r in records if evaluation_key(r) != key] + [evaluation.metrics]
     shown = shown_evaluations(records)
@@ -474,8 +478,7 @@ def run_evaluation(model: BirdModel, data_root: str | os.PathLike, settings: Eva
     if keep_stored and model.path is not None:
         alike = stored_alike(model, measurement(model, settings, feature_space))
         if alike is not None:
-            raise EvaluationError(f"{model.path / METRICS_FILE}: already holds this measurement"
-                                  f" ({short_summary(alike)}); pass --replace to measure it again and replace it")
+            raise already_stored(model, alike)
     if notify:
         notify(note)
     extractor = load_extractor(feature_space, inception_weights)

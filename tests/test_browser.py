@@ -141,7 +141,7 @@ def test_pictures_of_your_own_fine_tuned_exported_and_generated_in_the_browser(b
         page.get_by_text("birdgen — generate birds").wait_for(timeout=60_000)
         page.get_by_label("Model").first.click()
         page.get_by_role("option", name="browser-birds", exact=True).click()
-        page.get_by_text("any class").first.wait_for(timeout=30_000)  # its class picker
+        page.get_by_text("Class guidance").first.wait_for(timeout=30_000)  # its class picker and guidance slider
         seconds = generate_birds(page, steps=5, count=2)
         assert seconds < 120 and (models / "browser-birds" / "model.safetensors").is_file()
         page.screenshot(path=str(ARTIFACTS / "generate-own-model.png"), full_page=True)

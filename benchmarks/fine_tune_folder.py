@@ -63,7 +63,7 @@ def main():
     parser.add_argument("--weights", type=float, nargs="+", default=[None],
                         help="class guidance weights to evaluate (default: the exported model's own)")
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--picture", default="docs/fine-tune-before-after.png")
+    parser.add_argument("--picture", default="docs/fine-tune-before-after.jpg")
     args = parser.parse_args()
     if not EXTRA.is_dir():
         sys.exit(f"needs {EXTRA}")

@@ -30,7 +30,8 @@ from common import REAL_CUB, REPO, machine, save
 from train_throughput import diffusers_step_fn
 from birdgen.data import load_crops
 from birdgen.networks import UNet, parameter_count, preset
-from birdgen.training_loop import TrainConfig, read_metrics, train
+from birdgen.run_folder import read_metrics
+from birdgen.training_loop import TrainConfig, train
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity), FLOP/s.
 BF16_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12}

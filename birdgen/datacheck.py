@@ -229,7 +229,7 @@ def save_preview(crops: Crops, indices: np.ndarray, path: Path, seed: int = 0) -
     generator = torch.Generator().manual_seed(seed)
     batch = random_flip(crops.tensor(chosen), generator)
     grid = grid_image(batch, columns=8)
-    return atomic_write(path, "the preview", lambda temporary: grid.save(temporary, format="PNG"))
+    return atomic_write(path, "the preview", grid.save)
 
 
 def check_dataset(path: str | os.PathLike, size: int = 64, crop: str | None = None, padding: float = 0.1,

@@ -439,7 +439,7 @@ def save_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], path: Path) -> No
     top = torch.stack([g for g, _ in pairs])
     bottom = torch.stack([t for _, t in pairs])
     grid = grid_image(torch.cat([top, bottom]), columns=len(pairs))
-    atomic_write(path, "the closest pairs", lambda temporary: grid.save(temporary, format="PNG"))
+    atomic_write(path, "the closest pairs", grid.save)
 
 
 def short_summary(metrics: dict) -> str:

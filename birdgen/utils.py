@@ -88,7 +88,7 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: int | None
     """Writes the images as one PNG grid; a single image without the grid's white frame, so that
     it can go straight back in as a picture (e.g. to `birdgen edit`)."""
     grid = grid_image(images, columns, padding=2 if len(images) > 1 else 0)
-    return atomic_write(path, "the image", lambda temporary: grid.save(temporary, format="PNG"))
+    return atomic_write(path, "the image", grid.save)  # the format follows the suffix, which the temporary keeps
 
 
 def cpu_model() -> str:

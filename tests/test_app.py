@@ -495,3 +495,18 @@ def test_autoguidance_controls_on_generate_compare_and_explore(models):
     assert at.toggle(key="lerp_guided").value is True and at.toggle(key="fill_guided").value is True
     at.selectbox(key="explore_model").set_value("small").run()  # a model without a guide: no toggle
     assert not any(t.key == "lerp_guided" for t in at.toggle)
+
+
+def test_train_page_shows_the_line_a_run_ended_with(models, tmp_path):
+    from dataclasses import asdict
+
+    from birdgen.training_jobs import JOB_FILE, Job, TrainForm
+
+    runs = tmp_path / "runs"
+    (runs / "full").mkdir(parents=True)
+    (runs / "full.log").write_text("Training…\nbirdgen: error: runs/full/checkpoints/step-0000004: could not write the"
+                                   " checkpoint of step 4 (No space left on device)\n")
+    form = TrainForm(str(tmp_path), "full")
+    (runs / JOB_FILE).write_text(json.dumps(asdict(Job(2**22 + 12345, str(runs / "full"), time.time(), asdict(form)))))
+    at = app(PAGES / "train.py")
+    assert any("The run stopped:" in e.value and "No space left on device" in e.value for e in at.error)

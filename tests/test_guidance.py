@@ -10,7 +10,7 @@ import torch
 from birdgen.model_folder import ModelError, build_model, load_model, save_model
 from birdgen.cli import main
 from birdgen.diffusion import DiffusionConfig
-from birdgen.guidance import GuidanceError, GuidanceRecord, parse_interval, resolve_guidance
+from birdgen.guidance import SPECIES_WEIGHT, GuidanceError, GuidanceRecord, parse_interval, resolve_guidance
 from birdgen.networks import preset
 from birdgen.pipeline import GenerationRequest, generate
 
@@ -172,7 +172,7 @@ def test_export_writes_and_keeps_the_guide_link(pair, tmp_path):
     from birdgen.modelcard import guidance_record_for_export
 
     assert guidance_record_for_export(pair / "main", None, None, None) == {
-        "guide": "../guide", "guide_weight": 2.0, "species_weight": 3.0, "interval": [40, 60]}
+        "guide": "../guide", "guide_weight": 2.0, "species_weight": SPECIES_WEIGHT, "interval": [40, 60]}
     new = guidance_record_for_export(tmp_path / "fresh", str(pair / "guide"), 2.5, (200, 999))
     assert new["guide"] == "../guide" and new["guide_weight"] == 2.5 and new["interval"] == [200, 999]
     assert json.loads((pair / "main" / "config.json").read_text())["guidance"]["guide"] == "../guide"

@@ -87,3 +87,17 @@ def test_a_folder_fine_tuned_exported_sampled_and_evaluated_end_to_end(tmp_path,
     assert metrics["num_real"] == 8 and "stratified split" in metrics["reference_split"]  # its own held-out pictures
     assert metrics["species_accuracy"]["classes"] == 2
     assert "my-birds" in metrics["reference_split"]
+
+
+def test_a_folder_trains_and_distils_unconditionally(tmp_path):
+    data = class_folder(tmp_path / "pictures", per_class=8)
+    common = ["--image-size", "16", "--noise-steps", "100", "--batch-size", "4", "--checkpoint-every", "2",
+              "--sample-every", "100", "--no-progress", "--num-threads", "1"]
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--preset", "small", "--channels",
+                 "8,16", "--steps", "2", *common]) == 0
+    assert main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "m"), "--heldout-batches", "1"]) == 0
+    assert load_model(tmp_path / "m").data.split == "stratified"
+    assert main(["distill", "--teacher", str(tmp_path / "m"), "--data", str(data), "--out", str(tmp_path / "d"),
+                 "--teacher-steps", "4", "--steps-target", "2", "--round-steps", "2", "--batch-size", "4",
+                 "--no-progress"]) == 0
+    assert (tmp_path / "d" / "checkpoints" / "step-0000002" / "state.pt").is_file()

@@ -611,7 +611,7 @@ def initialise_from(model: UNet, folder: str, diffusion_config: DiffusionConfig)
     except ModelError as error:
         raise TrainingError(f"init_from: {error}") from None
     mine, theirs = dataclasses.asdict(model.config), dataclasses.asdict(source.network_config)
-    different = sorted(k for k in mine if k != "num_classes" and mine[k] != theirs[k])
+    different = sorted(k for k in mine if k not in ("num_classes", "dropout") and mine[k] != theirs[k])  # no weights
     if different:
         raise TrainingError(f"init_from {folder}: its network differs in {', '.join(different)}; pick the same preset"
                             " and settings")

@@ -46,6 +46,11 @@ def subset() -> Path:
     return folder
 
 
+def relative(part: str) -> str:
+    """A command-line word with this machine's paths written relative to the repository or the cache."""
+    return part.replace(str(REPO) + "/", "").replace(str(cache_dir()), "$BIRDGEN_CACHE_DIR")
+
+
 def same_noise_picture(base: str, tuned, out: Path, count: int = 8) -> None:
     """Row 1: the shipped model from seeds 0…count-1; then each class of the fine-tuned model from
     the same noise (DDIM 50, its default class guidance)."""
@@ -97,7 +102,8 @@ def main():
         save_pairs(evaluation.closest_pairs, model_dir / f"closest-pairs-w{m['guidance']:g}.png")
     same_noise_picture(args.base, model, REPO / args.picture)
     info = (run / "run.json").read_text()
-    save("fine_tune_folder", {"machine": description, "species": list(SPECIES), "command": " ".join(command),
+    shown = " ".join(relative(part) for part in ["birdgen", *command[3:]])  # no machine's paths in the results
+    save("fine_tune_folder", {"machine": description, "species": list(SPECIES), "command": shown,
                               "training": model.training.to_dict(), "num_train": model.data.num_train,
                               "num_heldout": model.data.num_images - model.data.num_train,
                               "run_machine": json.loads(info).get("machine"), "rows": rows,

@@ -94,7 +94,7 @@ def main():
                      "heldout_top1": round(accuracy["heldout_top1"], 4),
                      "relative_top1": round(accuracy["relative_top1"], 4),
                      "pixel_near_copies": round(memo["pixel"]["near_copy_fraction"], 4),
-                     "heldout_rate": memo["near_copy_percentile"] / 100,
+                     "heldout_rate": round(memo["pixel"]["heldout_near_copy_fraction"], 4),
                      "feature_near_copies": round(memo["feature"]["near_copy_fraction"], 4),
                      "fd": round(m["fid"], 1), "kid": round(m["kid_mean"], 4), "precision": round(m["precision"], 3),
                      "recall": round(m["recall"], 3)})

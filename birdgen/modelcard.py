@@ -274,6 +274,12 @@ A class-conditional model with classifier-free guidance: it knows {known} (and "
 QUALITY_HEADING = "## Quality"
 
 
+def held_out_rate(memo: dict) -> str:
+    """The held-out crops' own near-copy rate (evaluations before it was measured have none)."""
+    rate = memo.get("heldout_near_copy_fraction")
+    return "not measured" if rate is None else f"{rate:.1%}"
+
+
 def quality_section(evaluations: dict[str, dict], folder: Path) -> str:
     """The card's quality section: each stored evaluation with its feature space, and the
     memorization check; "not measured" with the command when there is none."""
@@ -315,14 +321,17 @@ def quality_section(evaluations: dict[str, dict], folder: Path) -> str:
         lines += ["", "### Memorization check",
                   f"Distance from each generated image to its nearest training crop (of {memo['num_train']:,}, mirrored"
                   f" ones included), against the same distance for {memo['num_heldout']:,} held-out crops:", "",
-                  "| space | generated (median) | held-out (median) | ratio | near-copies |", "|---|---|---|---|---|"]
+                  "| space | generated (median) | held-out (median) | ratio | near-copies | held-out crops' rate |",
+                  "|---|---|---|---|---|---|"]
         for space, label in (("pixel", "pixels (RMS, 0–1)"), ("feature", "features")):
             r = memo[space]
             lines.append(f"| {label} | {r['generated_median']:.4f} | {r['heldout_median']:.4f} | {r['median_ratio']:.2f} |"
-                         f" {r['near_copies']} ({r['near_copy_fraction']:.1%}) |")
+                         f" {r['near_copies']} ({r['near_copy_fraction']:.1%}) | {held_out_rate(r)} |")
         lines += ["", f"A near-copy is a generated image closer to a training crop than {memo['near_copy_percentile']:g}%"
                       " of held-out crops are. In total, in either space:"
-                      f" {memo['near_copies']} ({memo['near_copy_fraction']:.1%})."]
+                      f" {memo['near_copies']} ({memo['near_copy_fraction']:.1%}); held-out crops, each judged against"
+                      f" the threshold the others set, give {held_out_rate(memo)}: a model that does not copy"
+                      " gives about as many."]
         if (folder / "memorization.png").is_file():
             lines += ["", "The closest generated images (top) and their nearest training crops (bottom):", "",
                       "![closest pairs](memorization.png)"]

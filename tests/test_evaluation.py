@@ -12,7 +12,7 @@ from birdgen.model_folder import build_model, load_model, save_model
 from birdgen.data import DatasetError, load_crops, split_record
 from birdgen.diffusion import DiffusionConfig
 from birdgen.evaluation import (EvalSettings, Evaluation, EvaluationError, MemorizationSets, evaluate, extract_features, kid_and_fid,
-                                memorization_report, pixel_vectors, precision_recall, write_metrics)
+                                heldout_near_copies, memorization_report, pixel_vectors, precision_recall, write_metrics)
 from birdgen.features import InceptionWeightsMissing, find_inception_weights, hub_weights_path
 from birdgen.modelcard import update_card_quality
 from birdgen.networks import preset
@@ -137,9 +137,25 @@ def test_memorization_flags_exact_and_mirrored_copies_but_not_unseen_photos():
         # unseen photos are about as far from the training set as held-out ones:
         assert 0.8 < report[space]["median_ratio"] < 1.25
     assert report["near_copies"] <= 2 + 6  # the 2 copies, and at most 10% of the 60 unseen photos
+    for part in (report["pixel"], report["feature"], report):
+        assert 0 <= part["heldout_near_copy_fraction"] <= 0.1  # held-out photos are not copies either
     copies_only = MemorizationSets(sets.train_pixels, sets.train_features, sets.heldout_pixels, sets.heldout_features,
                                    sets.generated_pixels[:2], sets.generated_features[:2])
     assert memorization_report(copies_only)["near_copy_fraction"] == 1.0
+
+
+def test_heldout_rate_is_what_a_sampler_that_does_not_copy_gives():
+    """Samples drawn like the held-out crops fall under the threshold those crops set about twice
+    as often as `percentile` says (96 crops: about 2%, not 1%); the held-out crops judged
+    leave-one-out give that same rate, so a model is compared with what it can reach."""
+    rng = np.random.default_rng(0)
+    generated_rates, heldout_rates = [], []
+    for _ in range(400):
+        heldout, generated = rng.normal(size=96), rng.normal(size=500)
+        generated_rates.append((generated < np.percentile(heldout, 1.0)).mean())
+        heldout_rates.append(heldout_near_copies(heldout, 1.0).mean())
+    assert np.mean(generated_rates) > 0.017  # the in-sample 1% would call a faithful sampler a copier
+    assert np.mean(heldout_rates) == pytest.approx(np.mean(generated_rates), abs=0.003)
 
 
 def tiny_model(folder, crops, tiny_cub, train_on="train"):

@@ -256,8 +256,8 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Drops lines logged after the checkpoint a run resumes from, so none are doubled."""
-        kept = [line for line in read_lines(self.path) if json.loads(line).get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        kept = [record for record in read_records(self.path) if record.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict) -> None:
         with writing(self.path, "the training log"), open(self.path, "a") as handle:
@@ -276,19 +276,21 @@ class MetricsLog:
             (self.backend.close if hasattr(self.backend, "close") else self.backend.finish)()
 
 
-def read_lines(path: Path) -> list[str]:
-    return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The records of a run's metrics.jsonl (a half-written last line is ignored)."""
+def read_records(path: Path) -> list[dict]:
+    """The records of a JSON-lines file; a line half-written when a run was killed is left out (the
+    log is appended to, so a kill can tear its last line)."""
     records = []
-    for line in read_lines(Path(run_dir) / "metrics.jsonl"):
+    for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
     return records
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    return read_records(Path(run_dir) / "metrics.jsonl")
 
 
 class RunFolder:

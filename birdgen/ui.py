@@ -84,9 +84,16 @@ def data_root() -> Path:
 
 def model_data(model: BirdModel) -> Path:
     """Where a model's own pictures are: the folder its split record names, where it still is,
-    else the default CUB folder (the shipped models' data)."""
-    if model.data is not None and model.data.path and Path(model.data.path).exists():
-        return Path(model.data.path)
+    else, for a CUB model, the default CUB folder (the shipped models' data). A model of another
+    folder whose pictures are gone has none: DatasetError naming where they were."""
+    from .sources import DatasetError
+
+    record = model.data
+    if record is not None and record.path and Path(record.path).exists():
+        return Path(record.path)
+    if record is not None and not record.is_cub:
+        raise DatasetError(f"{model.path.name} was trained on {record.path or record.dataset}, which is not there any"
+                           " more")
     return data_root()
 
 
@@ -360,7 +367,6 @@ def _real_crops(root: str, size: int, crop: str | None, padding: float, backgrou
 def picture_source(model: BirdModel, key: str):
     """Where an edit starts: a generated bird, a real crop or an uploaded PNG/JPEG. Returns the
     picture as a (1, 3, size, size) model-range tensor, or None (with a message) if there is none."""
-    from .data import DatasetError
     from .editing import EditError, load_picture
 
     size = model.network_config.image_size
@@ -370,13 +376,7 @@ def picture_source(model: BirdModel, key: str):
         seed = st.number_input("Seed of the bird", 0, 2**31 - 1, 0, key=f"{key}_source_seed")
         return _generated_picture(model, int(seed), str(model.path))
     if source == "a real bird crop":
-        try:
-            crops = model_crops(model)
-        except DatasetError as error:
-            st.info(f"No dataset found ({error}). Set BIRDGEN_DATA to a CUB_200_2011 folder, or use another source.")
-            return None
-        index = st.number_input("Which crop", 0, len(crops) - 1, 0, key=f"{key}_crop")
-        return crops.tensor([int(index)])
+        return real_crop(model, key)
     upload = st.file_uploader("A PNG or JPEG (its centre square is used)", type=["png", "jpg", "jpeg"],
                               key=f"{key}_upload")
     if upload is None:
@@ -389,6 +389,21 @@ def picture_source(model: BirdModel, key: str):
     except EditError as error:
         st.error(str(error))
         return None
+
+
+def real_crop(model: BirdModel, key: str):
+    """A crop of the model's own pictures, picked by number: a (1, 3, size, size) model-range
+    tensor, or None (with a message saying where the pictures were looked for) if there are none."""
+    from .data import DatasetError
+
+    try:
+        crops = model_crops(model)
+    except DatasetError as error:
+        where = " Set BIRDGEN_DATA to a CUB_200_2011 folder." if model.data is None or model.data.is_cub else ""
+        st.info(f"No pictures found ({error}).{where} Start from a generated bird instead.")
+        return None
+    index = st.number_input("Which crop", 0, len(crops) - 1, 0, key=f"{key}_crop")
+    return crops.tensor([int(index)])
 
 
 @st.cache_data(max_entries=32, show_spinner="Generating the starting bird…")

@@ -4,7 +4,6 @@ import pandas as pd
 import streamlit as st
 
 from birdgen import ui
-from birdgen.data import DatasetError
 from birdgen.pipeline import GenerationRequest, generate
 from birdgen.visualize import evenly_spaced, forward_frames, png_bytes, record_chain, signal_and_noise, to_gif
 
@@ -20,15 +19,7 @@ T = schedule.num_steps
 
 st.header("Forward process: q(x_t | x_0)")
 source = st.radio("Start from", ["a real bird crop", "a generated bird"], horizontal=True)
-x0 = None
-if source == "a real bird crop":
-    try:
-        crops = ui.model_crops(model)
-        index = st.slider("Which crop", 0, len(crops) - 1, 0)
-        x0 = crops.tensor([index])
-    except DatasetError as error:
-        st.info(f"No dataset found ({error}). Set BIRDGEN_DATA to a CUB_200_2011 folder, or start from a generated "
-                "bird.")
+x0 = ui.real_crop(model, "forward") if source == "a real bird crop" else None
 if x0 is None:
     seed = st.number_input("Seed of the generated bird", 0, 2**31 - 1, 0)
     x0 = generate(model, GenerationRequest(num_images=1, seed=int(seed))).images.cpu()

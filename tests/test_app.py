@@ -89,6 +89,8 @@ def test_denoising_page_forward_and_reverse(models, real_cub, monkeypatch):
     monkeypatch.setenv("BIRDGEN_DATA", str(real_cub))
     at = app(PAGES / "denoising.py")
     assert len(at.get("image")) == 1  # the forward-process frame
+    at.number_input(key="forward_crop").set_value(3).run()
+    assert not at.exception and len(at.get("image")) == 1
     t_slider = next(s for s in at.slider if s.label == "Timestep t")
     t_slider.set_value(99).run()
     assert at.get("image")[0].captions == ["x_t at t = 99"]
@@ -107,7 +109,7 @@ def test_denoising_page_forward_and_reverse(models, real_cub, monkeypatch):
 def test_denoising_page_without_dataset_falls_back_to_generated(models, tmp_path, monkeypatch):
     monkeypatch.setenv("BIRDGEN_DATA", str(tmp_path / "no-data"))
     at = app(PAGES / "denoising.py")
-    assert "No dataset found" in at.info[0].value
+    assert "No pictures found" in at.info[0].value and "Set BIRDGEN_DATA" in at.info[0].value
     assert len(at.get("image")) == 1
 
 

@@ -5,14 +5,17 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from birdgen import ui
 from birdgen.cli import main
 from birdgen.diffusion import DiffusionConfig
 from birdgen.model_folder import build_model, load_model, save_model
 from birdgen.networks import UNet, preset
+from birdgen.sources import DatasetError
 from birdgen.training_loop import TrainConfig, initialise_from
 
 COLOURS = {"Red_Birds": (220, 40, 30), "Blue_Birds": (30, 60, 220)}
@@ -87,6 +90,10 @@ def test_a_folder_fine_tuned_exported_sampled_and_evaluated_end_to_end(tmp_path,
     assert metrics["num_real"] == 8 and "stratified split" in metrics["reference_split"]  # its own held-out pictures
     assert metrics["species_accuracy"]["classes"] == 2
     assert "my-birds" in metrics["reference_split"]
+    assert ui.model_data(model) == data
+    data.rename(tmp_path / "moved")
+    with pytest.raises(DatasetError, match="mine was trained on .*my-birds, which is not there any more"):
+        ui.model_data(model)  # never CUB's pictures in its place
 
 
 def test_a_folder_trains_and_distils_unconditionally(tmp_path):

@@ -52,6 +52,8 @@ def test_loss_falls_on_real_data(real_cub, tmp_path):
 def test_resume_gives_identical_weights(tiny_cub, tmp_path):
     train(config(tiny_cub, steps=6, dropout=0.1), tmp_path / "straight")
     train(config(tiny_cub, steps=3, dropout=0.1), tmp_path / "halves")
+    with open(tmp_path / "halves" / "metrics.jsonl", "a") as log:
+        log.write('{"step": 3, "loss": 0.4')  # the line a kill tore
     train(config(tiny_cub, steps=6, dropout=0.1), tmp_path / "halves", resume=True)
     for name in ("model.safetensors", "ema.safetensors"):
         a = weights(tmp_path / "straight" / "checkpoints" / "step-0000006" / name)

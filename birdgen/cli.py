@@ -164,8 +164,8 @@ def add_eval_parser(commands) -> None:
 
 def cmd_eval(args) -> int:
     from .evaluation import EvalSettings, run_evaluation, save_evaluation, short_summary, summary
-    from .model_folder import read_metrics_file
     from .features import choose_feature_space
+    from .model_folder import evaluation_key, read_metrics_file
 
     choose_feature_space(args.features, args.inception_weights)  # a missing extractor fails before loading anything
     model = load_guided_model(args, resolve_device(args.device))
@@ -180,7 +180,7 @@ def cmd_eval(args) -> int:
         path, replaced = save_evaluation(model, evaluation, replace=args.replace)
         shown = read_metrics_file(path)[evaluation.metrics["feature_space"]]
         print(f"wrote {path}" + (f" (replaced: {short_summary(replaced)})" if replaced else "")
-              + ("" if shown is evaluation.metrics or shown == evaluation.metrics else
+              + ("" if evaluation_key(shown) == evaluation_key(evaluation.metrics) else
                  f"; the card and the pages still show {short_summary(shown)}, the most samples"))
     return 0
 

@@ -260,7 +260,8 @@ def resolved_settings(model: BirdModel, settings: EvalSettings) -> EvalSettings:
     """The settings with the sampler, steps and guidance resolved for `model`, as metrics.json records them."""
     settings = resolve_sampler(model, settings)
     guidance = model.resolve_guidance(settings.guidance, settings.guide_weight, settings.interval)
-    return replace(settings, guidance=guidance.species_weight, guide_weight=guidance.guide_weight,
+    return replace(settings, guidance=guidance.species_weight if model.conditional else None,
+                   guide_weight=guidance.guide_weight,
                    interval=guidance.interval or (0, model.schedule.num_steps - 1))
 
 

@@ -164,6 +164,21 @@ def test_a_quick_evaluation_is_added_beside_a_careful_one_and_never_replaces_it_
     assert [r["num_generated"] for r in stored["evaluations"]] == [1000, 12]
 
 
+def test_measuring_an_unconditional_model_again_replaces_its_record_that_named_a_species_weight(tiny_cub, tmp_path,
+                                                                                                capsys):
+    crops_and_model(tiny_cub, tmp_path / "m")
+    older = {**stored_record(12, 500.0), "species": "none (unconditional)"}  # guidance 3.0, as records had it
+    (tmp_path / "m" / "metrics.json").write_text(json.dumps({"mobilenet": older, "evaluations": [older]}))
+    quick = ["eval", "--model", str(tmp_path / "m"), "--data", str(tiny_cub), "--num-samples", "12", "--steps", "2",
+             "--features", "mobilenet", "--no-memorization"]
+    assert main(quick) == 2  # the same measurement: a species weight takes no part without species
+    assert main(quick + ["--replace"]) == 0
+    out = capsys.readouterr().out
+    assert "replaced: FD 500.0" in out and "still show" not in out
+    stored = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert len(stored["evaluations"]) == 1 and stored["mobilenet"]["guidance"] is None
+
+
 def test_eval_into_a_log_prints_one_line_per_stage_and_no_cursor_codes(tiny_cub, tmp_path):
     crops_and_model(tiny_cub, tmp_path / "m")
     log = tmp_path / "eval.log"

@@ -8,6 +8,12 @@ as in their metrics.json. Each contender is a set of `--count` images compared w
 training crops (real vs real: the floor a perfect generator would reach at these counts),
 the same crops blurred (Gaussian radius 1 and 2, PIL), the same crops as 16-colour images
 (posterized), and uniform noise. A second table compares two disjoint halves of all crops.
+
+A third table calibrates the memorization check: the held-out crops themselves, and the same
+crops made worse, judged as if they were samples (distance to the nearest training crop or its
+mirror image, in pixels and in features; a near-copy is closer than the other held-out crops'
+1st percentile). None of them is a copy, so their rates are what a model that does not copy
+gives at that sharpness.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from PIL import Image, ImageFilter
 from common import REAL_CUB, REPO, machine, save
 from birdgen.model_folder import load_model
 from birdgen.data import load_crops, recover_split
-from birdgen.evaluation import extract_features, kid_and_fid, precision_recall, real_features
+from birdgen.evaluation import (NEAR_COPY_PERCENTILE, extract_features, heldout_near_copies, kid_and_fid, nearest,
+                                pixel_vectors, precision_recall, real_features)
 from birdgen.features import choose_feature_space, load_extractor
 
 
@@ -36,6 +43,40 @@ def scores(reference: torch.Tensor, contender: torch.Tensor) -> dict:
         warnings.simplefilter("ignore")
         figures = {**kid_and_fid(reference, contender), **precision_recall(reference, contender)}
     return {key: round(figures[key], 4) for key in ("fid", "kid_mean", "kid_std", "precision", "recall")}
+
+
+DEGRADATIONS = {
+    "blurred, radius 1": lambda im: im.filter(ImageFilter.GaussianBlur(1)),
+    "blurred, radius 2": lambda im: im.filter(ImageFilter.GaussianBlur(2)),
+    "posterized, 16 colours": lambda im: im.quantize(16).convert("RGB"),
+}
+
+
+def memorization_rows(crops, train, heldout, extractor, identity) -> dict:
+    """The memorization check's near-copy rates and median ratios for the held-out crops as they
+    are and made worse, each crop judged against the threshold the other held-out crops set."""
+    images = crops.images[train]
+    train_sets = {
+        "pixel": torch.cat([pixel_vectors(images), pixel_vectors(images[:, :, ::-1].copy())]),
+        "feature": torch.cat([real_features(crops, train, extractor, identity, 16, "cpu", None),
+                              real_features(crops, train, extractor, identity, 16, "cpu", None, mirrored=True)])}
+    scale = {"pixel": np.sqrt(train_sets["pixel"].shape[1]), "feature": 1.0}
+    real = crops.images[heldout]
+    stand_ins = {"held-out crops as they are": real, **{name: degrade(real, how) for name, how in DEGRADATIONS.items()}}
+    distances = {}
+    for name, stand_in in stand_ins.items():
+        vectors = {"pixel": pixel_vectors(stand_in), "feature": extract_features(extractor, stand_in, 16)}
+        distances[name] = {space: (nearest(vectors[space], train_sets[space])[0] / scale[space]).numpy()
+                           for space in train_sets}
+    own = distances["held-out crops as they are"]
+    rows = {}
+    for name, found in distances.items():
+        flagged = {space: heldout_near_copies(own[space], NEAR_COPY_PERCENTILE, found[space]) for space in found}
+        rows[name] = {**{f"{space}_near_copies": round(float(flagged[space].mean()), 4) for space in found},
+                      **{f"{space}_median_ratio": round(float(np.median(found[space]) / np.median(own[space])), 3)
+                         for space in found},
+                      "either_near_copies": round(float((flagged["pixel"] | flagged["feature"]).mean()), 4)}
+    return rows
 
 
 def main() -> None:
@@ -57,9 +98,7 @@ def main() -> None:
     real = crops.images[picked]
     contenders = {
         "training crops (real)": real,
-        "blurred, radius 1": degrade(real, lambda im: im.filter(ImageFilter.GaussianBlur(1))),
-        "blurred, radius 2": degrade(real, lambda im: im.filter(ImageFilter.GaussianBlur(2))),
-        "posterized, 16 colours": degrade(real, lambda im: im.quantize(16).convert("RGB")),
+        **{name: degrade(real, how) for name, how in DEGRADATIONS.items()},
         "uniform noise": rng.integers(0, 256, real.shape, dtype=np.uint8),
     }
     rows = {}
@@ -73,10 +112,13 @@ def main() -> None:
     everything = real_features(crops, np.arange(len(crops)), extractor, identity, 16, "cpu", None)
     halves = scores(everything[order[:half]], everything[order[half:2 * half]])
     print(f"two disjoint halves ({half} vs {half}): {halves}")
+    memorization = memorization_rows(crops, train, heldout, extractor, identity)
+    for name, row in memorization.items():
+        print(f"memorization, {name:<26} {row}")
     save(f"metric_calibration_{space}", {
         "machine": machine(), "features": space, "feature_extractor": identity,
         "reference": f"{len(heldout)} held-out crops (random split, seed 0, 10%)", "count": len(picked),
-        "rows": rows, "halves": {"count": half, **halves}, "wall_time_s": round(time.perf_counter() - started, 1)})
+        "rows": rows, "halves": {"count": half, **halves}, "memorization": memorization, "wall_time_s": round(time.perf_counter() - started, 1)})
 
 
 if __name__ == "__main__":

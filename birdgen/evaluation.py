@@ -156,14 +156,17 @@ class MemorizationSets:
     generated_features: torch.Tensor
 
 
-def heldout_near_copies(heldout_d: np.ndarray, percentile: float) -> np.ndarray:
+def heldout_near_copies(heldout_d: np.ndarray, percentile: float, judged: np.ndarray | None = None) -> np.ndarray:
     """Which held-out crops would count as near-copies if they were samples: each judged against
     the threshold the other held-out crops set (leave-one-out). A crop's own distance is among
     those that set its threshold otherwise, so the in-sample rate is `percentile` by construction;
     out of sample, with the few hundred held-out crops a folder has, it is about twice that (the
     1st percentile of 96 crops lies between the smallest two, below which a new draw falls with
-    probability about 2/97), and it is this rate that a model which does not copy matches."""
-    return np.array([heldout_d[i] < np.percentile(np.delete(heldout_d, i), percentile) for i in range(len(heldout_d))])
+    probability about 2/97), and it is this rate that a model which does not copy matches.
+    `judged`: the distances of stand-ins for the crops (crop i made blurry, say) to judge in
+    their place, each against the threshold the other crops set."""
+    judged = heldout_d if judged is None else judged
+    return np.array([judged[i] < np.percentile(np.delete(heldout_d, i), percentile) for i in range(len(heldout_d))])
 
 
 def memorization_report(sets: MemorizationSets, percentile: float = NEAR_COPY_PERCENTILE) -> dict:

@@ -135,6 +135,8 @@ EVALUATION_KEY = ("feature_space", "reference", "num_generated", "sampler", "ste
 def evaluation_key(metrics: dict) -> tuple:
     if metrics.get("species") == "none (unconditional)":  # its species weight took no part (older records name one)
         metrics = {**metrics, "guidance": None}
+    if metrics.get("guide") is None:  # no guide, so its weight and interval took no part (older records lack them)
+        metrics = {**metrics, "guide_weight": None, "interval": None}
     return tuple(json.dumps(metrics.get(name)) for name in EVALUATION_KEY)
 
 

@@ -329,9 +329,11 @@ def quality_section(evaluations: dict[str, dict], folder: Path) -> str:
                          f" {r['near_copies']} ({r['near_copy_fraction']:.1%}) | {held_out_rate(r)} |")
         lines += ["", f"A near-copy is a generated image closer to a training crop than {memo['near_copy_percentile']:g}%"
                       " of held-out crops are. In total, in either space:"
-                      f" {memo['near_copies']} ({memo['near_copy_fraction']:.1%}); held-out crops, each judged against"
-                      f" the threshold the others set, give {held_out_rate(memo)}: a model that does not copy"
-                      " gives about as many."]
+                      f" {memo['near_copies']} ({memo['near_copy_fraction']:.1%}). Held-out crops, each judged against"
+                      f" the threshold the others set, give {held_out_rate(memo)}: the rate of pictures that copy"
+                      " nothing. Pictures smoother than photos come closer to training crops in pixels without"
+                      " copying them (the memorization calibration in BENCHMARKS.md), so judge pixel near-copies"
+                      " by the closest pairs below."]
         if (folder / "memorization.png").is_file():
             lines += ["", "The closest generated images (top) and their nearest training crops (bottom):", "",
                       "![closest pairs](memorization.png)"]

@@ -158,6 +158,13 @@ def test_heldout_rate_is_what_a_sampler_that_does_not_copy_gives():
     assert np.mean(heldout_rates) == pytest.approx(np.mean(generated_rates), abs=0.003)
 
 
+def test_stand_ins_for_heldout_crops_are_judged_against_the_other_crops_threshold():
+    heldout = np.arange(1.0, 101.0)  # each crop's threshold: the 1st percentile of the other 99
+    closer = heldout_near_copies(heldout, 1.0, judged=np.full(100, 2.5))
+    assert closer.tolist() == [True, True] + [False] * 98  # thresholds 2.98 and 2.96 without crop 0 or 1, else 1.98
+    assert not heldout_near_copies(heldout, 1.0, judged=heldout + 100).any()
+
+
 def tiny_model(folder, crops, tiny_cub, train_on="train"):
     model = build_model(preset("small", channels=(8, 16), image_size=16), DiffusionConfig(num_steps=100))
     record = split_record(crops, "random", 0, 0.3, train_on)

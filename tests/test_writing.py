@@ -179,6 +179,18 @@ def test_measuring_an_unconditional_model_again_replaces_its_record_that_named_a
     assert len(stored["evaluations"]) == 1 and stored["mobilenet"]["guidance"] is None
 
 
+def test_a_record_written_before_guides_matches_an_unguided_measurement_of_the_same_settings(tiny_cub, tmp_path):
+    crops_and_model(tiny_cub, tmp_path / "m")
+    older = {**stored_record(12, 500.0), "guidance": None}
+    del older["guide_weight"], older["interval"]  # as evaluations were stored before autoguidance
+    (tmp_path / "m" / "metrics.json").write_text(json.dumps({"mobilenet": older, "evaluations": [older]}))
+    quick = ["eval", "--model", str(tmp_path / "m"), "--data", str(tiny_cub), "--num-samples", "12", "--steps", "2",
+             "--features", "mobilenet", "--no-memorization"]
+    assert main(quick) == 2
+    assert main(quick + ["--replace"]) == 0
+    assert len(json.loads((tmp_path / "m" / "metrics.json").read_text())["evaluations"]) == 1
+
+
 def test_eval_into_a_log_prints_one_line_per_stage_and_no_cursor_codes(tiny_cub, tmp_path):
     crops_and_model(tiny_cub, tmp_path / "m")
     log = tmp_path / "eval.log"

@@ -21,7 +21,10 @@ st.markdown(
     "samples cover), in the feature space named in each row. **InceptionV3** numbers are the standard FID (the "
     "original report: FID 92.47, KID 0.2089); **MobileNet** numbers work offline but are on their own scale: compare "
     "them only with each other, at equal image counts. The **memorization check** compares each sample's distance to "
-    "its nearest training crop with the same distance for unseen photos: a ratio near 1 means no copying.")
+    "its nearest training crop with the same distance for unseen photos: a ratio near 1 means no copying. "
+    "**Near-copies** are samples closer to a training crop than 99% of unseen photos are, beside the rate the unseen "
+    "photos give themselves; pictures softer than photos give more in pixels without copying anything, so judge them "
+    "by the closest pairs below.")
 
 rows, problems = ui.metrics_rows(ui.available_models())
 for problem in problems:

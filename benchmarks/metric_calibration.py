@@ -29,8 +29,9 @@ from PIL import Image, ImageFilter
 from common import REAL_CUB, REPO, machine, save
 from birdgen.model_folder import load_model
 from birdgen.data import load_crops, recover_split
-from birdgen.evaluation import (NEAR_COPY_PERCENTILE, extract_features, heldout_near_copies, kid_and_fid, nearest,
-                                pixel_vectors, precision_recall, real_features)
+from birdgen.evaluation import (NEAR_COPY_PERCENTILE, distances_to_train, extract_features, heldout_near_copies,
+                                kid_and_fid, pixel_vectors, pixel_vectors_with_mirrors, precision_recall,
+                                real_features)
 from birdgen.features import choose_feature_space, load_extractor
 
 
@@ -55,19 +56,16 @@ DEGRADATIONS = {
 def memorization_rows(crops, train, heldout, extractor, identity) -> dict:
     """The memorization check's near-copy rates and median ratios for the held-out crops as they
     are and made worse, each crop judged against the threshold the other held-out crops set."""
-    images = crops.images[train]
-    train_sets = {
-        "pixel": torch.cat([pixel_vectors(images), pixel_vectors(images[:, :, ::-1].copy())]),
-        "feature": torch.cat([real_features(crops, train, extractor, identity, 16, "cpu", None),
-                              real_features(crops, train, extractor, identity, 16, "cpu", None, mirrored=True)])}
-    scale = {"pixel": np.sqrt(train_sets["pixel"].shape[1]), "feature": 1.0}
+    train_pixels = pixel_vectors_with_mirrors(crops.images[train])
+    train_features = torch.cat([real_features(crops, train, extractor, identity, 16, "cpu", None),
+                                real_features(crops, train, extractor, identity, 16, "cpu", None, mirrored=True)])
     real = crops.images[heldout]
     stand_ins = {"held-out crops as they are": real, **{name: degrade(real, how) for name, how in DEGRADATIONS.items()}}
     distances = {}
     for name, stand_in in stand_ins.items():
-        vectors = {"pixel": pixel_vectors(stand_in), "feature": extract_features(extractor, stand_in, 16)}
-        distances[name] = {space: (nearest(vectors[space], train_sets[space])[0] / scale[space]).numpy()
-                           for space in train_sets}
+        found = distances_to_train(pixel_vectors(stand_in), extract_features(extractor, stand_in, 16), train_pixels,
+                                   train_features)
+        distances[name] = {space: d.numpy() for space, (d, _) in found.items()}
     own = distances["held-out crops as they are"]
     rows = {}
     for name, found in distances.items():

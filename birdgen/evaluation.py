@@ -143,6 +143,20 @@ def pixel_vectors(images_uint8_nhwc: np.ndarray | torch.Tensor) -> torch.Tensor:
     return images.reshape(len(images), -1).double() / 255
 
 
+def pixel_vectors_with_mirrors(images_uint8_nhwc: np.ndarray) -> torch.Tensor:
+    """The pixel vectors of training crops, then of their mirror images (training flips them)."""
+    return torch.cat([pixel_vectors(images_uint8_nhwc), pixel_vectors(images_uint8_nhwc[:, :, ::-1].copy())])
+
+
+def distances_to_train(pixels: torch.Tensor, features: torch.Tensor, train_pixels: torch.Tensor,
+                       train_features: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(distance, index) of each image's nearest training crop, per space: the RMS difference in
+    [0, 1] in pixels, the Euclidean distance in features."""
+    pixel_d, pixel_i = nearest(pixels, train_pixels)
+    return {"pixel": (pixel_d / np.sqrt(train_pixels.shape[1]), pixel_i),
+            "feature": nearest(features, train_features)}
+
+
 @dataclass
 class MemorizationSets:
     """The features and pixels the copy check compares: training crops (with their mirror
@@ -177,13 +191,12 @@ def memorization_report(sets: MemorizationSets, percentile: float = NEAR_COPY_PE
     `percentile`-th percentile), more often than held-out crops judged the same way are."""
     report: dict = {"near_copy_percentile": percentile}
     found, heldout_found = {}, {}
-    rms = np.sqrt(sets.train_pixels.shape[1])  # pixel distances as RMS differences in [0, 1]
-    for space, train, heldout, generated, scale in (
-            ("pixel", sets.train_pixels, sets.heldout_pixels, sets.generated_pixels, rms),
-            ("feature", sets.train_features, sets.heldout_features, sets.generated_features, 1.0)):
-        heldout_d = nearest(heldout, train)[0] / scale
-        generated_d, generated_i = nearest(generated, train)
-        generated_d = generated_d / scale
+    heldout = distances_to_train(sets.heldout_pixels, sets.heldout_features, sets.train_pixels, sets.train_features)
+    generated = distances_to_train(sets.generated_pixels, sets.generated_features, sets.train_pixels,
+                                   sets.train_features)
+    for space in ("pixel", "feature"):
+        heldout_d = heldout[space][0]
+        generated_d, generated_i = generated[space]
         threshold = float(np.percentile(heldout_d.numpy(), percentile))
         heldout_found[space] = heldout_near_copies(heldout_d.numpy(), percentile)
         report[space] = {
@@ -386,7 +399,7 @@ def evaluate(model: BirdModel, crops: Crops, settings: EvalSettings, extractor: 
         train_features = torch.cat([crops_features("train"), crops_features("train", mirrored=True)])
         train_images = crops.images[train_indices]
         sets = MemorizationSets(
-            train_pixels=torch.cat([pixel_vectors(train_images), pixel_vectors(train_images[:, :, ::-1].copy())]),
+            train_pixels=pixel_vectors_with_mirrors(train_images),
             train_features=train_features,
             heldout_pixels=pixel_vectors(crops.images[heldout_indices]),
             heldout_features=crops_features("heldout"), generated_pixels=pixel_vectors(generated),

@@ -394,7 +394,7 @@ def picture_source(model: BirdModel, key: str):
 def real_crop(model: BirdModel, key: str):
     """A crop of the model's own pictures, picked by number: a (1, 3, size, size) model-range
     tensor, or None (with a message saying where the pictures were looked for) if there are none."""
-    from .data import DatasetError
+    from .sources import DatasetError
 
     try:
         crops = model_crops(model)

@@ -131,15 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_eval_parser(commands) -> None:
     from .evaluation import EVAL_SAMPLING, MIN_SAMPLES
-    from .features import FEATURE_SPACES, INCEPTION_ENV, INCEPTION_FILE
+    from .features import FEATURE_SPACES, INCEPTION_ENV, INCEPTION_FILE, INCEPTION_PACKAGE
 
     parser = commands.add_parser("eval", help="FD/KID, precision/recall and a memorization check against real crops")
     parser.add_argument("--model", required=True, help="model folder or Hub id")
     parser.add_argument("--data", required=True, help="the dataset the model trained on: its CUB_200_2011 folder,"
                         " folder of pictures or zip")
     parser.add_argument("--features", choices=("auto", *FEATURE_SPACES), default="auto",
-                        help="inception (standard FID weights, needed once) or mobilenet (ships with birdgen, offline);"
-                             " auto: inception where its weights are present, else mobilenet")
+                        help="inception (the standard FID network, installed by requirements.txt: numbers comparable"
+                             " with published FIDs) or mobilenet (ships with birdgen; faster, on its own scale);"
+                             " auto (default): inception, else mobilenet where it is not installed")
     parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
                         help="real crops to compare with: the model's held-out crops (default) or its training crops")
     parser.add_argument("--num-samples", type=int, default=1000,
@@ -158,7 +159,8 @@ def add_eval_parser(commands) -> None:
     add_guidance_flags(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--inception-weights",
-                        help=f"path to {INCEPTION_FILE} (else ${INCEPTION_ENV} or the torch hub cache)")
+                        help=f"path to a copy of {INCEPTION_PACKAGE}'s {INCEPTION_FILE} (else ${INCEPTION_ENV},"
+                             " else the installed package's); its sha256 is checked before use")
     parser.set_defaults(handler=cmd_eval)
 
 

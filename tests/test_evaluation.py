@@ -13,7 +13,6 @@ from birdgen.data import DatasetError, load_crops, split_record
 from birdgen.diffusion import DiffusionConfig
 from birdgen.evaluation import (EvalSettings, Evaluation, EvaluationError, MemorizationSets, evaluate, extract_features, kid_and_fid,
                                 heldout_near_copies, memorization_report, pixel_vectors, precision_recall, write_metrics)
-from birdgen.features import InceptionWeightsMissing, find_inception_weights, hub_weights_path
 from birdgen.modelcard import update_card_quality
 from birdgen.networks import preset
 
@@ -233,30 +232,6 @@ def test_evaluation_refuses_what_it_cannot_measure_honestly(tiny_cub, tmp_path):
         evaluate(model, crops, EvalSettings(num_samples=4), ColourStatistics(), "c", "s")
     with pytest.raises(EvaluationError, match="unknown reference split 'test'"):
         evaluate(model, crops, EvalSettings(reference="test"), ColourStatistics(), "c", "s")
-
-
-def test_missing_inception_weights_say_where_to_get_them(tmp_path, monkeypatch):
-    monkeypatch.delenv("BIRDGEN_INCEPTION_WEIGHTS", raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(InceptionWeightsMissing) as error:
-        find_inception_weights()
-    message = str(error.value)
-    assert "weights-inception-2015-12-05-6726825d.pth" in message and str(hub_weights_path()) in message
-    assert "--inception-weights" in message
-    with pytest.raises(InceptionWeightsMissing, match="nowhere.pth: Inception weights file not found"):
-        find_inception_weights(tmp_path / "nowhere.pth")
-
-
-def test_real_inception_features(real_cub):
-    try:
-        weights = find_inception_weights()
-    except InceptionWeightsMissing as error:
-        pytest.skip(f"InceptionV3 weights absent: {error}")
-    from birdgen.features import InceptionFeatures
-
-    crops = load_crops(real_cub, progress=False)
-    features = extract_features(InceptionFeatures(weights), crops.images[:8])
-    assert features.shape == (8, 2048) and torch.isfinite(features).all()
 
 
 def test_the_species_classifier_knows_real_crops_and_not_wrong_labels(real_cub):

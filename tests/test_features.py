@@ -1,5 +1,7 @@
-"""The offline MobileNet feature extractor: its conversion from the TFLite file, its layout
-checks and its errors. The fidelity test runs the original TFLite file through LiteRT."""
+"""The feature extractors. The offline MobileNet: its conversion from the TFLite file, its layout
+checks and its errors; the fidelity test runs the original TFLite file through LiteRT. The
+standard FID InceptionV3: the installed file against torchmetrics' own InceptionV3 with the
+same weights, its statistics on real crops, and its errors."""
 
 from pathlib import Path
 
@@ -10,9 +12,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from birdgen.data import load_crops
-from birdgen.features import (MOBILENET_FILE, FeatureError, InceptionWeightsMissing, MobileNetFeatures,
-                              choose_feature_space, mobilenet_layout)
-from birdgen.evaluation import kid_and_fid
+from birdgen.features import (INCEPTION_FILE, INCEPTION_PACKAGE, MOBILENET_FILE, FeatureError, InceptionFeatures,
+                              InceptionWeightsMissing, MobileNetFeatures, choose_feature_space, find_inception_weights,
+                              mobilenet_layout)
+from birdgen.evaluation import extract_features, kid_and_fid
+from birdgen import features
 
 TFLITE = Path(__file__).resolve().parent.parent.parent / "shared" / "models" / \
     "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
@@ -85,7 +89,7 @@ def test_missing_or_wrong_weight_files_fail_in_one_line(tmp_path):
 
 def test_auto_features_fall_back_to_mobilenet_and_say_so(tmp_path, monkeypatch):
     monkeypatch.delenv("BIRDGEN_INCEPTION_WEIGHTS", raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(features, "INCEPTION_MODULE", "birdgen_no_such_package")
     space, note = choose_feature_space("auto")
     assert space == "mobilenet" and "not comparable" in note and "\n" not in note
     with pytest.raises(InceptionWeightsMissing):
@@ -95,3 +99,83 @@ def test_auto_features_fall_back_to_mobilenet_and_say_so(tmp_path, monkeypatch):
     assert choose_feature_space("auto", weights)[0] == "inception"
     with pytest.raises(ValueError, match="unknown feature space 'vgg'"):
         choose_feature_space("vgg")
+
+
+def installed_inception() -> Path:
+    try:
+        return find_inception_weights()
+    except InceptionWeightsMissing as error:  # only where requirements.txt was not installed
+        pytest.skip(str(error))
+
+
+def torchmetrics_inception(script_file: Path, tmp_path: Path):
+    """torchmetrics' FID InceptionV3 (torch-fidelity's module) with the TorchScript's weights: its
+    94 convolutions in order, each TF batch norm's beta, mean and variance (scale 1, eps 0.001 as
+    TF had it), the unused classifier at zero. An oracle built independently of birdgen's code."""
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"), mock.patch("torch.load", return_value={}):
+        layout = FeatureExtractorInceptionV3("layout", ["2048"], feature_extractor_weights_path="unused").state_dict()
+    source = torch.jit.load(str(script_file), map_location="cpu").state_dict()
+    ours = [name.removesuffix(".conv.weight") for name in layout if name.endswith(".conv.weight")]
+    theirs = [name.removesuffix(".weight") for name in source if name.endswith(".weight")]
+    assert len(ours) == len(theirs) == 94
+    weights = {"fc.weight": torch.zeros_like(layout["fc.weight"]), "fc.bias": torch.zeros_like(layout["fc.bias"])}
+    for a, b in zip(ours, theirs):
+        assert layout[f"{a}.conv.weight"].shape == source[f"{b}.weight"].shape, (a, b)
+        weights.update({f"{a}.conv.weight": source[f"{b}.weight"], f"{a}.bn.weight": torch.ones_like(source[f"{b}.beta"]),
+                        f"{a}.bn.bias": source[f"{b}.beta"], f"{a}.bn.running_mean": source[f"{b}.mean"],
+                        f"{a}.bn.running_var": source[f"{b}.var"], f"{a}.bn.num_batches_tracked": torch.tensor(0)})
+    torch.save(weights, tmp_path / "converted.pth")
+    # antialias=False: the original TensorFlow FID's resize, which torchmetrics 1.9 offers but no
+    # longer takes by default (its default is torch's antialiased bilinear).
+    return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                              feature_extractor_weights_path=str(tmp_path / "converted.pth"), antialias=False)
+
+
+@pytest.mark.slow
+def test_inception_is_torchmetrics_standard_network_on_real_crops(real_cub, tmp_path):
+    script_file = installed_inception()
+    crops = load_crops(real_cub, 64, progress=False)
+    images = torch.from_numpy(crops.images[::90][:24]).permute(0, 3, 1, 2).contiguous()
+    ours = InceptionFeatures(script_file).eval()
+    with torch.no_grad():
+        expected = torchmetrics_inception(script_file, tmp_path)(images).reshape(len(images), -1)
+        got = ours(images)
+    assert got.shape == (24, 2048)
+    assert (got - expected).abs().max() <= 1e-4
+    assert ours.identity.endswith(features.INCEPTION_SHA256)
+
+
+@pytest.mark.slow
+def test_inception_statistics_of_real_crops_stay_in_the_measured_band(real_cub):
+    """Measured once (2026-12-07, 64 crops, every 45th): mean feature 0.2613, std 0.2987, mean
+    norm 17.83. Feeding [0, 1] instead of the graph's (x - 128) / 128 moves the mean 4% and the
+    norm 3.6%, out of these 1.5% bands."""
+    crops = load_crops(real_cub, 64, progress=False)
+    found = extract_features(InceptionFeatures(installed_inception()).eval(), crops.images[::45][:64])
+    assert found.mean().item() == pytest.approx(0.2613, rel=0.015)
+    assert found.std().item() == pytest.approx(0.2987, rel=0.015)
+    assert found.norm(dim=1).mean().item() == pytest.approx(17.83, rel=0.015)
+
+
+def test_inception_file_is_checked_before_use(tmp_path, monkeypatch):
+    impostor = tmp_path / INCEPTION_FILE
+    impostor.write_bytes(b"not the network")
+    with pytest.raises(FeatureError) as error:
+        InceptionFeatures(impostor)
+    message = str(error.value)
+    assert message.startswith(f"{impostor}: sha256 ") and "not the standard FID InceptionV3" in message
+    assert INCEPTION_PACKAGE in message and "\n" not in message
+    monkeypatch.delenv("BIRDGEN_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(features, "INCEPTION_MODULE", "birdgen_no_such_package")
+    with pytest.raises(InceptionWeightsMissing) as missing:
+        find_inception_weights()
+    assert INCEPTION_PACKAGE in str(missing.value) and "--inception-weights" in str(missing.value)
+    with pytest.raises(InceptionWeightsMissing, match="nowhere.pt: Inception weights file not found"):
+        find_inception_weights(tmp_path / "nowhere.pt")
+    monkeypatch.setenv("BIRDGEN_INCEPTION_WEIGHTS", str(impostor))
+    assert find_inception_weights() == impostor

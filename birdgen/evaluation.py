@@ -26,7 +26,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from .data import Crops, cache_dir, model_crops, recover_split, to_uint8
 from .features import FEATURE_LABELS
 from .model_folder import METRICS_FILE, BirdModel, evaluation_key, read_evaluations, shown_evaluations
-from .pipeline import GenerationRequest, generate, model_sampling
+from .pipeline import GenerationRequest, generate, model_sampling, planned_flops
 from .records import DataRecord
 from .utils import atomic_write, atomic_write_text, grid_image
 
@@ -35,6 +35,9 @@ PRECISION_RECALL_K = 3  # Kynkäänniemi et al. 2019
 MIN_SAMPLES = 10
 NEAR_COPY_PERCENTILE = 1.0
 EVAL_SAMPLING = ("ddim", 50)  # the sampler of the published numbers
+# The original report's headline (InceptionV3 features; its sample count and real set are not stated).
+REPORT_FID, REPORT_KID = 92.47, 0.2089
+PROBE_IMAGES, PROBE_STEPS = 8, 4  # the pace probe: small enough to run before every estimate
 MEMORIZATION_PAIRS_FILE = "memorization.png"
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -215,11 +218,16 @@ def memorization_report(sets: MemorizationSets, percentile: float = NEAR_COPY_PE
     return report
 
 
+def real_features_path(crops: Crops, indices: np.ndarray, identity: str, mirrored: bool) -> Path:
+    """The feature cache's file for these real crops: keyed by (crop cache, indices, extractor)."""
+    key = hashlib.sha256(json.dumps([str(crops.cache_path), indices.tolist(), identity, mirrored]).encode())
+    return cache_dir() / "features" / f"real-{key.hexdigest()[:20]}.npy"
+
+
 def real_features(crops: Crops, indices: np.ndarray, extractor: nn.Module, identity: str, batch_size: int,
                   device, progress: Progress | None, mirrored: bool = False, cache: bool = True) -> torch.Tensor:
-    """Features of real crops (mirrored left-right if asked), cached by (crop cache, indices, extractor)."""
-    key = hashlib.sha256(json.dumps([str(crops.cache_path), indices.tolist(), identity, mirrored]).encode())
-    path = cache_dir() / "features" / f"real-{key.hexdigest()[:20]}.npy"
+    """Features of real crops (mirrored left-right if asked), cached per `real_features_path`."""
+    path = real_features_path(crops, indices, identity, mirrored)
     if cache and crops.cache_path is not None and path.is_file():
         return torch.from_numpy(np.load(path))
     images = crops.images[indices]
@@ -293,6 +301,13 @@ def measurement(model: BirdModel, settings: EvalSettings, feature_space: str) ->
             "guide": guide_name(model, settings)}
 
 
+def batch_request(settings: EvalSettings, count: int, seed: int, labels: tuple[int, ...] = ()) -> GenerationRequest:
+    """One generation batch of an evaluation: `count` birds, or one of each of `labels` (class indices)."""
+    request = GenerationRequest(settings.sampler, settings.steps, count, seed, settings.eta,
+                                guide_weight=settings.guide_weight, interval=settings.interval)
+    return replace(request, num_images=1, species=labels, guidance=settings.guidance) if labels else request
+
+
 def generate_uint8(model: BirdModel, settings: EvalSettings, progress: Progress | None = None,
                    species: list[int] | None = None) -> torch.Tensor:
     """settings.num_samples generated birds as uint8 NHWC, in seeded batches (seed + index of the
@@ -301,16 +316,89 @@ def generate_uint8(model: BirdModel, settings: EvalSettings, progress: Progress 
     settings = resolve_sampler(model, settings)
     while done < settings.num_samples:
         count = min(settings.batch_size, settings.num_samples - done)
-        request = GenerationRequest(settings.sampler, settings.steps, count, settings.seed + done, settings.eta,
-                                    guide_weight=settings.guide_weight, interval=settings.interval)
-        if species:  # one image per label: num_images 1 of each species in the batch, in order
-            labels = tuple(species[(done + i) % len(species)] for i in range(count))
-            request = replace(request, num_images=1, species=labels, guidance=settings.guidance)
-        chunks.append(to_uint8(generate(model, request).images))
+        labels = tuple(species[(done + i) % len(species)] for i in range(count)) if species else ()
+        chunks.append(to_uint8(generate(model, batch_request(settings, count, settings.seed + done, labels)).images))
         done += count
         if progress:
             progress("generating", done, settings.num_samples)
     return torch.cat(chunks)
+
+
+def real_sets(model: BirdModel, settings: EvalSettings) -> list[tuple[str, bool]]:
+    """The (split part, mirrored) sets of real crops whose features `evaluate` needs: the reference,
+    and for the species classifier or the memorization check the training crops, their mirror
+    images and the held-out crops."""
+    needed = [(settings.reference, False)]
+    if model.conditional or settings.memorization:
+        needed += [part for part in (("train", False), ("train", True), ("heldout", False)) if part not in needed]
+    return needed
+
+
+@dataclass(frozen=True)
+class Pace:
+    """This machine's measured speed: network work while sampling, and feature extraction."""
+
+    flops_per_s: float
+    features_per_s: float
+
+
+def measure_pace(model: BirdModel, settings: EvalSettings, extractor: nn.Module) -> Pace:
+    """Times a short generation (PROBE_IMAGES images, PROBE_STEPS steps, the evaluation's sampler
+    and guidance) and the features of PROBE_IMAGES images, each after one untimed warm-up run."""
+    settings = resolved_settings(model, settings)
+    steps = settings.steps if model.sampling else min(settings.steps, PROBE_STEPS)  # a student keeps its own
+    probe = batch_request(replace(settings, steps=steps), PROBE_IMAGES, settings.seed,
+                          (0,) * PROBE_IMAGES if model.conditional else ())
+    images = torch.randint(0, 256, (PROBE_IMAGES, 3, model.network_config.image_size,
+                                    model.network_config.image_size), dtype=torch.uint8)
+
+    def seconds(work) -> float:
+        work()
+        started = time.perf_counter()
+        work()
+        return time.perf_counter() - started
+
+    with torch.no_grad():
+        generation_s = seconds(lambda: generate(model, probe))
+        features_s = seconds(lambda: extractor.to(model.device).eval()(images.to(model.device)))
+    return Pace(planned_flops(model, probe) * PROBE_IMAGES / generation_s, PROBE_IMAGES / features_s)
+
+
+@dataclass(frozen=True)
+class EvaluationEstimate:
+    generation_s: float
+    features_s: float
+    num_generated: int
+    real_to_extract: int  # real crops whose features are not in the cache yet
+
+    @property
+    def seconds(self) -> float:
+        return self.generation_s + self.features_s
+
+    def text(self) -> str:
+        real = (f" and {self.real_to_extract:,} real crops" if self.real_to_extract
+                else "; the real crops' features are cached")
+        return (f"Estimated time on this machine: {duration_text(self.seconds)} (generating {self.num_generated:,}"
+                f" birds {duration_text(self.generation_s)}, features of the generated birds{real}"
+                f" {duration_text(self.features_s)}), from its measured pace.")
+
+
+def duration_text(seconds: float) -> str:
+    return f"about {seconds:.0f} s" if seconds < 90 else f"about {seconds / 60:.0f} min"
+
+
+def estimate_evaluation(model: BirdModel, crops: Crops, settings: EvalSettings, identity: str, pace: Pace) -> \
+        EvaluationEstimate:
+    """How long `evaluate` will take here: the generation's network work at the measured pace, and
+    the features of the generated birds and of every real crop set not cached yet."""
+    settings = resolved_settings(model, settings)
+    train, heldout = recover_split(model.data, crops, str(model.path or model.name))
+    parts = {"train": train, "heldout": heldout}
+    uncached = sum(len(parts[part]) for part, mirrored in real_sets(model, settings)
+                   if crops.cache_path is None or not real_features_path(crops, parts[part], identity, mirrored).is_file())
+    per_image = planned_flops(model, batch_request(settings, 1, settings.seed, (0,) if model.conditional else ()))
+    return EvaluationEstimate(settings.num_samples * per_image / pace.flops_per_s,
+                              (settings.num_samples + uncached) / pace.features_per_s, settings.num_samples, uncached)
 
 
 def species_accuracy(train_features: torch.Tensor, train_labels: np.ndarray, heldout_features: torch.Tensor,
@@ -369,6 +457,8 @@ def evaluate(model: BirdModel, crops: Crops, settings: EvalSettings, extractor: 
                                                       device, progress, mirrored)
         return extracted[part, mirrored]
 
+    for part, mirrored in real_sets(model, settings):  # first, so the estimate's count of them is this list's
+        crops_features(part, mirrored)
     features["reference"] = crops_features(settings.reference)
     species = None
     if model.conditional:  # the same mix of species as the real crops compared with
@@ -515,6 +605,9 @@ def run_evaluation(model: BirdModel, data_root: str | os.PathLike, settings: Eva
         notify(note)
     extractor = load_extractor(feature_space, inception_weights)
     crops = model_crops(model.data, data_root, str(model.path or model.name))[0]  # a wrong dataset fails here
+    if notify:
+        pace = measure_pace(model, settings, extractor)
+        notify(estimate_evaluation(model, crops, settings, extractor.identity, pace).text())
     return evaluate(model, crops, settings, extractor, extractor.identity, feature_space, progress)
 
 

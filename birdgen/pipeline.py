@@ -94,13 +94,30 @@ def check_student_sampler(model: BirdModel, sampler: str, steps: int | None, eta
                          " sampler and steps unset, or use its teacher)")
 
 
-def planned_evaluations(model: BirdModel, request: GenerationRequest) -> int:
-    """Network forward passes per image this request will run, guide passes included, as
-    `Denoiser.passes` will count them; known before running."""
+def planned_passes(model: BirdModel, request: GenerationRequest) -> dict[str, int]:
+    """Network forward passes per image this request will run, by network ({"main": …, "guide": …}),
+    as `Denoiser.passes` will count them; known before running."""
     sampler = make_request_sampler(model, request)
     labels = torch.zeros(len(request.species), dtype=torch.long) if request.species else None
     denoiser = request_denoiser(model, request, labels)
-    return sum(sum(denoiser.passes_at(t).values()) for t in sampler.timesteps)
+    passes = [denoiser.passes_at(t) for t in sampler.timesteps]
+    return {network: sum(p[network] for p in passes) for network in ("main", "guide")}
+
+
+def planned_evaluations(model: BirdModel, request: GenerationRequest) -> int:
+    """Network forward passes per image, guide passes included."""
+    return sum(planned_passes(model, request).values())
+
+
+def planned_flops(model: BirdModel, request: GenerationRequest) -> int:
+    """Floating-point operations per image this request will run, the guide's included."""
+    return passes_flops(model, planned_passes(model, request))
+
+
+def passes_flops(model: BirdModel, passes: dict[str, int]) -> int:
+    """Floating-point operations of these forward passes ({"main": …, "guide": …}) for one image."""
+    return passes["main"] * model.flops_per_image + (passes["guide"] * model.guide.flops_per_image
+                                                      if passes["guide"] else 0)
 
 
 def request_denoiser(model: BirdModel, request: GenerationRequest, labels: torch.Tensor | None = None) -> Denoiser:
@@ -144,8 +161,7 @@ class Generation:
         main, guide = self.passes["main"], self.passes["guide"]
         if not guide:
             return f"{main} network evaluation{'s' if main != 1 else ''}"
-        ratio = (main * model.flops_per_image + guide * model.guide.flops_per_image) / (
-            self.steps * model.flops_per_image)
+        ratio = passes_flops(model, self.passes) / (self.steps * model.flops_per_image)
         return (f"{main} evaluations of {model.name} + {guide} of its guide"
                 f" {model.guide.name} ({ratio:.2f}× the unguided cost)")
 

@@ -447,8 +447,11 @@ def stored_metrics_text(model: BirdModel) -> str:
 
 
 def metrics_rows(paths: list[Path]) -> tuple[list[dict], list[str]]:
-    """One table row per (model, feature space) with every stored figure, and a warning per
+    """One table row per (model, feature space) with every stored figure and the image counts it
+    rests on, Inception rows first and the original report's row among them; and a warning per
     model folder that cannot be read."""
+    from .evaluation import REPORT_FID, REPORT_KID
+
     rows, problems = [], []
     for path in paths:
         try:
@@ -461,7 +464,8 @@ def metrics_rows(paths: list[Path]) -> tuple[list[dict], list[str]]:
         for space, m in sorted(evaluations.items()):
             memo = m.get("memorization") or {}
             rows.append({"model": path.name, "features": space, "FD": m["fid"], "KID": m["kid_mean"],
-                         "KID ± std": m["kid_std"], "precision": m.get("precision"), "recall": m.get("recall"),
+                         "KID ± std": m["kid_std"], "generated": f"{m['num_generated']:,}",
+                         "real": f"{m['num_real']:,}", "precision": m.get("precision"), "recall": m.get("recall"),
                          "copy ratio (pixels)": memo.get("pixel", {}).get("median_ratio"),
                          "near-copies": memo.get("near_copy_fraction"),
                          "near-copies (held-out)": memo.get("heldout_near_copy_fraction"),
@@ -469,6 +473,39 @@ def metrics_rows(paths: list[Path]) -> tuple[list[dict], list[str]]:
                          "guide": f"{m['guide']} w {m['guide_weight']:g}" if m.get("guide") else "none",
                          "species top-1": (m.get("species_accuracy") or {}).get("generated_top1"),
                          "species top-1 (real)": (m.get("species_accuracy") or {}).get("heldout_top1"),
-                         "generated": m["num_generated"], "real": m["num_real"],
                          "real crops": m.get("reference_split", m.get("split"))})
+    if any(row["features"] == "inception" for row in rows):
+        rows.append({"model": "original report", "features": "inception", "FD": REPORT_FID, "KID": REPORT_KID,
+                     "generated": "not stated", "real": "not stated", "real crops": "not stated"})
+    rows.sort(key=lambda row: row["features"] != "inception")  # stable: the models' order within each space
     return rows, problems
+
+
+def evaluation_estimate(model: BirdModel, settings, requested: str) -> str:
+    """How long the Metrics page's evaluation with `settings` will take on this machine, measured
+    before it starts (`evaluation.estimate_evaluation`; the pace probe runs once per model and settings)."""
+    from .evaluation import estimate_evaluation, resolved_settings
+    from .features import choose_feature_space
+
+    space = choose_feature_space(requested)[0]
+    resolved = resolved_settings(model, settings)
+    pace = _pace(model, str(model.path), space, resolved.sampler, resolved.steps, resolved.guide_weight,
+                 resolved.interval, resolved.guidance)
+    return estimate_evaluation(model, model_crops(model), settings, _extractor(space).identity, pace).text()
+
+
+@st.cache_resource(show_spinner="Loading the feature network…", max_entries=2)
+def _extractor(space: str):
+    from .features import load_extractor
+
+    return load_extractor(space).eval()
+
+
+@st.cache_resource(show_spinner="Measuring this machine's pace…", max_entries=16)
+def _pace(_model: BirdModel, path: str, space: str, sampler: str, steps: int, guide_weight: float,
+          interval: tuple[int, int] | None, guidance: float | None):
+    from .evaluation import EvalSettings, measure_pace
+
+    settings = EvalSettings(sampler=sampler, steps=steps, guide_weight=guide_weight, interval=interval,
+                            guidance=guidance)
+    return measure_pace(_model, settings, _extractor(space))

@@ -8,7 +8,7 @@ from birdgen.model_folder import ModelError
 from birdgen.data import DatasetError
 from birdgen.evaluation import (MEMORIZATION_PAIRS_FILE, MIN_SAMPLES, EvalSettings, EvaluationError, resolve_sampler,
                                 run_evaluation, save_evaluation, short_summary, summary)
-from birdgen.features import FEATURE_LABELS, FeatureError
+from birdgen.features import FeatureError
 from birdgen.training_jobs import run_folders
 from birdgen.run_folder import read_metrics
 from birdgen.utils import WriteError
@@ -18,9 +18,11 @@ st.title("📊 Metrics")
 st.markdown(
     "Each model's generated birds against real crops it **never trained on**: **FD** (Fréchet distance) and **KID** "
     "(lower is better), **precision** (how many samples look real) and **recall** (how much of the real variety the "
-    "samples cover), in the feature space named in each row. **InceptionV3** numbers are the standard FID (the "
-    "original report: FID 92.47, KID 0.2089); **MobileNet** numbers work offline but are on their own scale: compare "
-    "them only with each other, at equal image counts. The **memorization check** compares each sample's distance to "
+    "samples cover), in the feature space named in each row, with how many generated and real images each number "
+    "rests on. **InceptionV3** numbers are the standard FID and KID, the original report's row among them (its sample "
+    "count and real set are not stated); FID from fewer than 2,048 real images is biased upwards, more so the fewer "
+    "there are, so compare FIDs only at equal counts; KID is unbiased. **MobileNet** numbers work offline but are on "
+    "their own scale: compare them only with each other. The **memorization check** compares each sample's distance to "
     "its nearest training crop with the same distance for unseen photos: a ratio near 1 means no copying. "
     "**Near-copies** are samples closer to a training crop than 99% of unseen photos are, beside the rate the unseen "
     "photos give themselves; pictures softer than photos give more in pixels without copying anything, so judge them "
@@ -61,8 +63,9 @@ else:
 st.header("Evaluate a model")
 model = ui.model_picker(key="eval_model")
 columns = st.columns(3)
-requested = columns[0].selectbox("Features", ["auto", "inception", "mobilenet"],
-                                 help="auto: InceptionV3 where its weights are present, else the offline MobileNet")
+requested = columns[0].selectbox("Features", ["auto", "inception", "mobilenet"], key="eval_features",
+                                 help="auto: the standard InceptionV3 (installed with birdgen), else the offline"
+                                      " MobileNet")
 num_samples = columns[1].number_input("Generated images", MIN_SAMPLES, 10_000, 1000, step=50)
 reference = columns[2].selectbox("Real crops", ["heldout", "train"], format_func={
     "heldout": "held out (never trained on)", "train": "training crops"}.get)
@@ -70,15 +73,20 @@ sampler, steps = resolve_sampler(model, EvalSettings()).sampler, resolve_sampler
 guide_weight = ui.guide_weight_control(model, "eval")
 st.caption(f"Samples with {sampler} {steps} steps"
            + (" (the student's own)" if model.sampling else " (the sampler of the published numbers)")
-           + (", species of the real crops in turn" if model.conditional else "")
-           + f". {FEATURE_LABELS['mobilenet']}. On a 2-core CPU, 1,000 images take about 5 to 10 minutes.")
+           + (", species of the real crops in turn" if model.conditional else "") + ".")
+settings = EvalSettings(reference, int(num_samples), guide_weight=guide_weight)
+try:
+    st.caption(ui.evaluation_estimate(model, settings, requested))
+except (FeatureError, DatasetError, EvaluationError, ModelError, ValueError, OSError) as error:
+    st.error(str(error))
+    st.stop()
 if st.button("Run evaluation", type="primary", key="evaluate"):
     bar = st.progress(0.0, text="Starting…")
     try:
-        result = run_evaluation(model, ui.model_data(model), EvalSettings(reference, int(num_samples),
-                                                                    guide_weight=guide_weight),
-                                requested, progress=lambda stage, done, total: bar.progress(
-                                    done / total, text=f"{stage}: {done}/{total}"), notify=st.info)
+        result = run_evaluation(model, ui.model_data(model), settings, requested,
+                                progress=lambda stage, done, total: bar.progress(done / total,
+                                                                                 text=f"{stage}: {done}/{total}"),
+                                notify=st.info)
         saved, replaced = save_evaluation(model, result, replace=True)  # pressing the button again measures anew
     except (FeatureError, DatasetError, EvaluationError, ModelError, ValueError, OSError, WriteError) as error:
         st.error(str(error))

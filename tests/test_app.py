@@ -139,13 +139,13 @@ def test_metrics_page_lists_models_and_evaluates_offline(models, tiny_cub, tmp_p
     monkeypatch.setenv("BIRDGEN_DATA", str(tiny_cub))
     at = app(PAGES / "metrics.py")
     table = at.dataframe[0].value
-    assert list(table["model"]) == ["small", "small-attn"] and table["FD"].iloc[0] == 90.0
-    assert list(table["features"]) == ["inception", "not measured"]
+    assert list(table["model"]) == ["small", "original report", "small-attn"] and table["FD"].iloc[0] == 90.0
+    assert list(table["features"]) == ["inception", "inception", "not measured"]
+    assert list(table["generated"]) [:2] == ["100", "not stated"] and table["FD"].iloc[1] == 92.47
 
-    at.selectbox(key="eval_model").set_value("small-attn")
-    at.number_input[0].set_value(10)
-    at.button(key="evaluate").click().run()
-    assert "does not record the crops it trained on" in at.error[0].value  # no split record: refused, no traceback
+    at.selectbox(key="eval_model").set_value("small-attn").run()
+    assert "does not record the crops it trained on" in at.error[0].value  # refused before it starts, no traceback
+    assert not any(b.key == "evaluate" for b in at.button)
 
     config = json.loads((models / "small-attn" / "config.json").read_text())
     crops = load_crops(tiny_cub, 64, progress=False)
@@ -153,15 +153,21 @@ def test_metrics_page_lists_models_and_evaluates_offline(models, tiny_cub, tmp_p
     (models / "small-attn" / "config.json").write_text(json.dumps(config))
     at = app(PAGES / "metrics.py")
     at.selectbox(key="eval_model").set_value("small-attn")
-    at.number_input[0].set_value(10)
+    at.selectbox(key="eval_features").set_value("mobilenet")
+    at.number_input[0].set_value(10).run()
+    estimate = next(c.value for c in at.caption if c.value.startswith("Estimated time on this machine"))
+    assert "generating 10 birds" in estimate and "real crops" in estimate  # none of their features cached yet
     at.button(key="evaluate").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    assert any("MobileNetV1 (offline)" in i.value for i in at.info)
+    assert any("MobileNetV1" in i.value for i in at.info)
     assert "in mobilenet features" in at.success[0].value
     assert "mobilenet" in json.loads((models / "small-attn" / "metrics.json").read_text())
     at = app(PAGES / "metrics.py")
-    assert list(at.dataframe[0].value["features"]) == ["inception", "mobilenet"]
+    assert list(at.dataframe[0].value["features"]) == ["inception", "inception", "mobilenet"]
     assert len(at.get("image")) == 1  # the closest generated/training pairs
+    at.selectbox(key="eval_model").set_value("small-attn")
+    at.selectbox(key="eval_features").set_value("mobilenet").run()
+    assert any("the real crops' features are cached" in c.value for c in at.caption)
 
 
 def test_train_page_checks_pictures_and_refuses_what_cannot_train(models, tmp_path):
@@ -409,6 +415,7 @@ def test_metrics_page_evaluates_students_and_species_models_with_their_own_sampl
         at = app(PAGES / "metrics.py")
         at.selectbox(key="eval_model").set_value(name).run()
         assert any(sampler in c.value for c in at.caption), [c.value for c in at.caption]
+        at.selectbox(key="eval_features").set_value("mobilenet")
         at.number_input[0].set_value(10)
         at.button(key="evaluate").click().run()
         assert not at.exception and not at.error, [e.value for e in at.error]

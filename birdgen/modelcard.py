@@ -11,6 +11,7 @@ import torch
 from .model_folder import CARD_FILE, METRICS_FILE, load_model, read_config, read_metrics_file
 from .data import Crops, split_record
 from .diffusion import heldout_loss
+from .evaluation import REPORT_FID, REPORT_KID
 from .guidance import GUIDE_WEIGHT, NO_GUIDE, SPECIES_WEIGHT, GuidanceRecord
 from .samplers import DDIMSampler, initial_noise, run_to_end
 from .records import DistillationRecord
@@ -285,8 +286,8 @@ def quality_section(evaluations: dict[str, dict], folder: Path) -> str:
     memorization check; "not measured" with the command when there is none."""
     lines = [QUALITY_HEADING]
     if not evaluations:
-        lines.append("Not measured yet. Run `birdgen eval --model THIS_FOLDER --data CUB_200_2011` (works offline with"
-                     " the MobileNet features that ship with birdgen).")
+        lines.append("Not measured yet. Run `birdgen eval --model THIS_FOLDER --data CUB_200_2011` (standard InceptionV3"
+                     " FID and KID, offline: the network is installed with birdgen).")
         return "\n".join(lines) + "\n"
     lines += ["", "| features | generated | real crops | sampler | guide | FD | KID | precision | recall |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -300,6 +301,15 @@ def quality_section(evaluations: dict[str, dict], folder: Path) -> str:
         lines.append(f"| {m.get('feature_label', space)} | {m['num_generated']:,} | {m.get('reference_split', m.get('split'))}"
                      f" | {m['sampler']} {m['steps']} | {guide} | {m['fid']:.2f} | {m['kid_mean']:.4f} ±"
                      f" {m['kid_std']:.4f} | {precision} | {recall} |")
+    if "inception" in evaluations:
+        fewest = min(m["num_real"] for m in evaluations.values())
+        lines += [f"| the original report (InceptionV3) | not stated | not stated | – | – | {REPORT_FID:.2f} |"
+                  f" {REPORT_KID:.4f} | – | – |", "",
+                  "The report states neither its sample count nor its real images; this card compares"
+                  f" {evaluations['inception']['num_generated']:,} generated birds with"
+                  f" {evaluations['inception']['num_real']:,} real crops the model never trained on. FID from fewer"
+                  f" real images than its 2,048 features (here as few as {fewest:,}) is biased upwards, the more the"
+                  " fewer there are: compare FIDs only at equal counts. KID is unbiased, so compare KID first."]
     guided = [(space, m) for space, m in sorted(evaluations.items()) if m.get("species", "").startswith("those")]
     for space, m in guided:
         lines += ["", f"{space}: a species model, so its samples follow the species of the real crops in turn, with"
@@ -316,7 +326,7 @@ def quality_section(evaluations: dict[str, dict], folder: Path) -> str:
         lines += ["", "MobileNet distances are on their own scale: they are not comparable with published Inception FIDs"
                       " (such as the original report's 92.47). Compare them only with other MobileNet numbers at the same"
                       " image counts."]
-    memo = next((m["memorization"] for m in evaluations.values() if m.get("memorization")), None)
+    memo = next((m["memorization"] for _, m in sorted(evaluations.items()) if m.get("memorization")), None)
     if memo:
         lines += ["", "### Memorization check",
                   f"Distance from each generated image to its nearest training crop (of {memo['num_train']:,}, mirrored"

@@ -11,7 +11,8 @@ from scipy import linalg
 from birdgen.model_folder import build_model, load_model, save_model
 from birdgen.data import DatasetError, load_crops, split_record
 from birdgen.diffusion import DiffusionConfig
-from birdgen.evaluation import (EvalSettings, Evaluation, EvaluationError, MemorizationSets, evaluate, extract_features, kid_and_fid,
+from birdgen.evaluation import (REPORT_FID, EvalSettings, Evaluation, EvaluationError, MemorizationSets, Pace, estimate_evaluation,
+                                evaluate, extract_features, kid_and_fid, measure_pace,
                                 heldout_near_copies, memorization_report, pixel_vectors, precision_recall, write_metrics)
 from birdgen.modelcard import update_card_quality
 from birdgen.networks import preset
@@ -207,6 +208,43 @@ def test_evaluate_end_to_end_writes_metrics_card_and_caches_real_features(tiny_c
     assert card.count("## Quality") == 1
     update_card_quality(model.path)
     assert (model.path / "README.md").read_text() == card
+
+
+def test_estimate_counts_the_network_work_and_the_uncached_real_crops(tiny_cub, tmp_path, isolated_cache):
+    from birdgen.pipeline import GenerationRequest, planned_flops
+
+    crops = load_crops(tiny_cub, size=16, progress=False)
+    model = tiny_model(tmp_path / "m", crops, tiny_cub)
+    settings = EvalSettings(num_samples=12, steps=3, batch_size=5)
+    pace = Pace(flops_per_s=1e6, features_per_s=4.0)
+    before = estimate_evaluation(model, crops, settings, "colour-stats", pace)
+    per_image = planned_flops(model, GenerationRequest("ddim", 3, 1))
+    assert before.generation_s == pytest.approx(12 * per_image / 1e6)
+    assert before.real_to_extract == 13 + 13 + 5  # training crops, their mirror images, held-out crops
+    assert before.features_s == pytest.approx((12 + 31) / 4.0)
+    assert "Estimated time on this machine" in before.text() and "31 real crops" in before.text()
+    without_check = estimate_evaluation(model, crops, EvalSettings(num_samples=12, steps=3, memorization=False),
+                                        "colour-stats", pace)
+    assert without_check.real_to_extract == 5  # only the reference crops
+    with pytest.warns(UserWarning):
+        evaluate(model, crops, settings, ColourStatistics(), "colour-stats", "test-space")
+    after = estimate_evaluation(model, crops, settings, "colour-stats", pace)
+    assert after.real_to_extract == 0 and "cached" in after.text()  # the same sets evaluate extracted
+    measured = measure_pace(model, settings, ColourStatistics())
+    assert measured.flops_per_s > 0 and measured.features_per_s > 0
+
+
+def test_card_shows_the_report_beside_inception_and_how_few_real_images_fid_rests_on(tiny_cub, tmp_path):
+    crops = load_crops(tiny_cub, size=16, progress=False)
+    model = tiny_model(tmp_path / "m", crops, tiny_cub)
+    with pytest.warns(UserWarning):
+        evaluation = evaluate(model, crops, EvalSettings(num_samples=12, steps=3, batch_size=5, memorization=False),
+                              ColourStatistics(), "colour-stats", "inception")
+    write_metrics(model, evaluation)
+    update_card_quality(model.path)
+    card = (model.path / "README.md").read_text()
+    assert f"| the original report (InceptionV3) | not stated | not stated | – | – | {REPORT_FID:.2f} |" in card
+    assert "compares 12 generated birds with 5 real crops" in card and "here as few as 5" in card
 
 
 def test_evaluation_refuses_what_it_cannot_measure_honestly(tiny_cub, tmp_path):

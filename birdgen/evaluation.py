@@ -376,11 +376,11 @@ class EvaluationEstimate:
         return self.generation_s + self.features_s
 
     def text(self) -> str:
-        real = (f" and {self.real_to_extract:,} real crops" if self.real_to_extract
-                else "; the real crops' features are cached")
+        real = f" and of {self.real_to_extract:,} real crops" if self.real_to_extract else ""
         return (f"Estimated time on this machine: {duration_text(self.seconds)} (generating {self.num_generated:,}"
                 f" birds {duration_text(self.generation_s)}, features of the generated birds{real}"
-                f" {duration_text(self.features_s)}), from its measured pace.")
+                f" {duration_text(self.features_s)}), from its measured pace"
+                + ("." if self.real_to_extract else "; the real crops' features are cached."))
 
 
 def duration_text(seconds: float) -> str:

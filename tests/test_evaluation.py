@@ -222,7 +222,7 @@ def test_estimate_counts_the_network_work_and_the_uncached_real_crops(tiny_cub, 
     assert before.generation_s == pytest.approx(12 * per_image / 1e6)
     assert before.real_to_extract == 13 + 13 + 5  # training crops, their mirror images, held-out crops
     assert before.features_s == pytest.approx((12 + 31) / 4.0)
-    assert "Estimated time on this machine" in before.text() and "31 real crops" in before.text()
+    assert "Estimated time on this machine" in before.text() and "of 31 real crops" in before.text()
     without_check = estimate_evaluation(model, crops, EvalSettings(num_samples=12, steps=3, memorization=False),
                                         "colour-stats", pace)
     assert without_check.real_to_extract == 5  # only the reference crops

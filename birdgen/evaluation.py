@@ -1,8 +1,8 @@
 """Sample quality and memorization: FD and KID (torchmetrics), precision and recall, and a
 nearest-neighbour copy check, all against the crops a model never trained on.
 
-Features come from one extractor per evaluation (`birdgen.features`: InceptionV3 where its
-weights are present, else the offline MobileNetV1) and are computed once per image; the real
+Features come from one extractor per evaluation (`birdgen.features`: the standard FID
+InceptionV3, installed with birdgen, or the offline MobileNetV1) and are computed once per image; the real
 crops' features are cached per dataset, split and extractor.
 """
 

@@ -152,7 +152,7 @@ class InceptionFeatures(nn.Module):
 
     The input goes the way torchmetrics' FID takes it (torch-fidelity's TensorFlow-1.x bilinear
     resize to 299x299, then (x - 128) / 128 into the 2015 graph's [-1, 0.992] range); the tests
-    check the features against torch-fidelity's InceptionV3 with the same weights.
+    check the features against torchmetrics' InceptionV3 (torch-fidelity's) with the same weights.
     """
 
     num_features = 2048

@@ -224,11 +224,16 @@ def real_features_path(crops: Crops, indices: np.ndarray, identity: str, mirrore
     return cache_dir() / "features" / f"real-{key.hexdigest()[:20]}.npy"
 
 
+def real_features_cached(crops: Crops, indices: np.ndarray, identity: str, mirrored: bool) -> bool:
+    """Whether `real_features` will read these crops' features from disk (a cached crop set only)."""
+    return crops.cache_path is not None and real_features_path(crops, indices, identity, mirrored).is_file()
+
+
 def real_features(crops: Crops, indices: np.ndarray, extractor: nn.Module, identity: str, batch_size: int,
                   device, progress: Progress | None, mirrored: bool = False, cache: bool = True) -> torch.Tensor:
     """Features of real crops (mirrored left-right if asked), cached per `real_features_path`."""
     path = real_features_path(crops, indices, identity, mirrored)
-    if cache and crops.cache_path is not None and path.is_file():
+    if cache and real_features_cached(crops, indices, identity, mirrored):
         return torch.from_numpy(np.load(path))
     images = crops.images[indices]
     if mirrored:
@@ -395,7 +400,7 @@ def estimate_evaluation(model: BirdModel, crops: Crops, settings: EvalSettings, 
     train, heldout = recover_split(model.data, crops, str(model.path or model.name))
     parts = {"train": train, "heldout": heldout}
     uncached = sum(len(parts[part]) for part, mirrored in real_sets(model, settings)
-                   if crops.cache_path is None or not real_features_path(crops, parts[part], identity, mirrored).is_file())
+                   if not real_features_cached(crops, parts[part], identity, mirrored))
     per_image = planned_flops(model, batch_request(settings, 1, settings.seed, (0,) if model.conditional else ()))
     return EvaluationEstimate(settings.num_samples * per_image / pace.flops_per_s,
                               (settings.num_samples + uncached) / pace.features_per_s, settings.num_samples, uncached)
@@ -589,10 +594,12 @@ def summary(metrics: dict) -> str:
 
 def run_evaluation(model: BirdModel, data_root: str | os.PathLike, settings: EvalSettings, features: str = "auto",
                    inception_weights: str | None = None, progress: Progress | None = None,
-                   notify: Callable[[str], None] | None = None, keep_stored: bool = False) -> Evaluation:
+                   notify: Callable[[str], None] | None = None, keep_stored: bool = False,
+                   estimate: bool = True) -> Evaluation:
     """`birdgen eval` and the Metrics page: picks the feature space (failing before any work),
     loads the crops the model trained on, checks its split, then `evaluate`s. `keep_stored`:
-    refuse, before any work, a measurement the model folder holds already."""
+    refuse, before any work, a measurement the model folder holds already. `estimate`: notify the
+    estimated time first (the Metrics page shows it before the button instead)."""
     from .features import choose_feature_space, load_extractor
 
     settings.validate()
@@ -605,7 +612,7 @@ def run_evaluation(model: BirdModel, data_root: str | os.PathLike, settings: Eva
         notify(note)
     extractor = load_extractor(feature_space, inception_weights)
     crops = model_crops(model.data, data_root, str(model.path or model.name))[0]  # a wrong dataset fails here
-    if notify:
+    if notify and estimate:
         pace = measure_pace(model, settings, extractor)
         notify(estimate_evaluation(model, crops, settings, extractor.identity, pace).text())
     return evaluate(model, crops, settings, extractor, extractor.identity, feature_space, progress)

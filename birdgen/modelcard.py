@@ -12,6 +12,7 @@ from .model_folder import CARD_FILE, METRICS_FILE, load_model, read_config, read
 from .data import Crops, split_record
 from .diffusion import heldout_loss
 from .evaluation import REPORT_FID, REPORT_KID
+from .features import InceptionFeatures
 from .guidance import GUIDE_WEIGHT, NO_GUIDE, SPECIES_WEIGHT, GuidanceRecord
 from .samplers import DDIMSampler, initial_noise, run_to_end
 from .records import DistillationRecord
@@ -302,13 +303,13 @@ def quality_section(evaluations: dict[str, dict], folder: Path) -> str:
                      f" | {m['sampler']} {m['steps']} | {guide} | {m['fid']:.2f} | {m['kid_mean']:.4f} ±"
                      f" {m['kid_std']:.4f} | {precision} | {recall} |")
     if "inception" in evaluations:
-        fewest = min(m["num_real"] for m in evaluations.values())
+        inception = evaluations["inception"]
         lines += [f"| the original report (InceptionV3) | not stated | not stated | – | – | {REPORT_FID:.2f} |"
                   f" {REPORT_KID:.4f} | – | – |", "",
                   "The report states neither its sample count nor its real images; this card compares"
-                  f" {evaluations['inception']['num_generated']:,} generated birds with"
-                  f" {evaluations['inception']['num_real']:,} real crops the model never trained on. FID from fewer"
-                  f" real images than its 2,048 features (here as few as {fewest:,}) is biased upwards, the more the"
+                  f" {inception['num_generated']:,} generated birds with {inception['num_real']:,} real crops the"
+                  f" model never trained on. FID from fewer real images than its {InceptionFeatures.num_features:,}"
+                  f" features (here {inception['num_real']:,}) is biased upwards, the more the"
                   " fewer there are: compare FIDs only at equal counts. KID is unbiased, so compare KID first."]
     guided = [(space, m) for space, m in sorted(evaluations.items()) if m.get("species", "").startswith("those")]
     for space, m in guided:
@@ -324,7 +325,7 @@ def quality_section(evaluations: dict[str, dict], folder: Path) -> str:
                           f" {accuracy['relative_top1']:.0%} of the real crops' top-1."]
     if "mobilenet" in evaluations:
         lines += ["", "MobileNet distances are on their own scale: they are not comparable with published Inception FIDs"
-                      " (such as the original report's 92.47). Compare them only with other MobileNet numbers at the same"
+                      f" (such as the original report's {REPORT_FID}). Compare them only with other MobileNet numbers at the same"
                       " image counts."]
     memo = next((m["memorization"] for _, m in sorted(evaluations.items()) if m.get("memorization")), None)
     if memo:

@@ -86,7 +86,7 @@ if st.button("Run evaluation", type="primary", key="evaluate"):
         result = run_evaluation(model, ui.model_data(model), settings, requested,
                                 progress=lambda stage, done, total: bar.progress(done / total,
                                                                                  text=f"{stage}: {done}/{total}"),
-                                notify=st.info)
+                                notify=st.info, estimate=False)  # shown above, from the cached pace
         saved, replaced = save_evaluation(model, result, replace=True)  # pressing the button again measures anew
     except (FeatureError, DatasetError, EvaluationError, ModelError, ValueError, OSError, WriteError) as error:
         st.error(str(error))

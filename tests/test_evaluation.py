@@ -244,7 +244,7 @@ def test_card_shows_the_report_beside_inception_and_how_few_real_images_fid_rest
     update_card_quality(model.path)
     card = (model.path / "README.md").read_text()
     assert f"| the original report (InceptionV3) | not stated | not stated | – | – | {REPORT_FID:.2f} |" in card
-    assert "compares 12 generated birds with 5 real crops" in card and "here as few as 5" in card
+    assert "compares 12 generated birds with 5 real crops" in card and "(here 5)" in card
 
 
 def test_evaluation_refuses_what_it_cannot_measure_honestly(tiny_cub, tmp_path):

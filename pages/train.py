@@ -48,8 +48,10 @@ with st.form("train"):
     columns = st.columns(3)
     run_name = columns[0].text_input("Run name", "my-birds", help="Letters, digits, '-', '_', '.'", key="train_run")
     has_classes = report is not None and report.layout != "flat"
-    conditional = columns[1].toggle("One class per folder (class-conditional)", value=has_classes,
-                                    disabled=not has_classes, help="Lets you pick a class when generating",
+    if st.session_state.get("train_conditional_for") != data:  # other pictures: the toggle follows their classes
+        st.session_state["train_conditional_for"] = data
+        st.session_state["train_conditional"] = has_classes
+    conditional = columns[1].toggle("One class per folder (class-conditional)", disabled=not has_classes, help="Lets you pick a class when generating",
                                     key="train_conditional")
     if mode == FINE_TUNE:
         start_from = columns[2].selectbox("Shipped model to start from", models,

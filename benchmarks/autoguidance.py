@@ -23,7 +23,7 @@ import torch
 
 from common import REAL_CUB, REPO, load_guide, load_guide_name, machine, score_samples, stored_results, with_precision
 from birdgen.model_folder import check_guide, load_model
-from birdgen.data import load_crops, recover_split
+from birdgen.data import CropSettings, load_crops, recover_split
 from birdgen.evaluation import EvalSettings, real_features
 from birdgen.features import choose_feature_space, load_extractor
 from birdgen.guidance import parse_interval
@@ -131,7 +131,7 @@ def main() -> None:
     results["machine"] = machine()
     extractor = load_extractor(space).eval()
     model = load_model(REPO / args.model, guide="none")
-    crops = load_crops(REAL_CUB, model.network_config.image_size, progress=False)
+    crops = load_crops(REAL_CUB, CropSettings(size=model.network_config.image_size), progress=False)
     _, heldout = recover_split(model.data, crops, args.model)
     reference = real_features(crops, heldout, extractor, extractor.identity, 64, "cpu", None)
     results["num_real"] = len(heldout)
@@ -168,7 +168,7 @@ def main() -> None:
 def same_noise_picture(folder: str, out: str, count: int = 8, rows: int = 2) -> None:
     """`rows` × `count` birds, each unguided pair above its guided twin from the same noise (DPM-Solver++ 10)."""
     from birdgen.pipeline import GenerationRequest, generate
-    from birdgen.utils import save_grid
+    from birdgen.images import save_grid
 
     model = load_model(REPO / folder)
     grids = []

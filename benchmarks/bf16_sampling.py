@@ -20,7 +20,7 @@ import argparse
 import torch
 
 from common import REAL_CUB, REPO, alternate, machine, save, score_samples, stored_results, with_precision
-from birdgen.data import load_crops, recover_split
+from birdgen.data import CropSettings, load_crops, recover_split
 from birdgen.evaluation import EvalSettings, real_features
 from birdgen.features import choose_feature_space, load_extractor
 from birdgen.model_folder import load_model
@@ -79,7 +79,7 @@ def main() -> None:
     if not args.speed_only:
         space, _ = choose_feature_space("mobilenet")
         extractor = load_extractor(space).eval()
-        crops = load_crops(REAL_CUB, 64, progress=False)
+        crops = load_crops(REAL_CUB, CropSettings(size=64), progress=False)
         _, heldout = recover_split(model.data, crops, args.model)
         reference = real_features(crops, heldout, extractor, extractor.identity, 64, "cpu", None)
         seed_a, seed_b = args.seeds

@@ -21,7 +21,9 @@ from birdgen.model_folder import load_model
 from birdgen.pipeline import GenerationRequest, generate
 from birdgen.precision import cpu_has_native_bf16
 from birdgen.run_folder import read_metrics
-from birdgen.training_loop import TrainConfig, export_run, train
+from birdgen.export import export_run
+from birdgen.run_config import TrainConfig
+from birdgen.train import train
 
 
 def one_run(precision: str, steps: int, crops, folder: Path) -> dict:

@@ -140,7 +140,7 @@ def load_guide(spec: str):
     import tempfile
 
     from birdgen.model_folder import load_model
-    from birdgen.training_loop import export_run
+    from birdgen.export import export_run
 
     if "@" not in spec:
         return load_model(REPO / spec, guide="none")

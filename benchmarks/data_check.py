@@ -18,7 +18,7 @@ import numpy as np
 
 from common import REAL_CUB, machine, save
 
-from birdgen.data import load_crops
+from birdgen.data import CropSettings, load_crops
 from birdgen.datacheck import check_dataset
 
 
@@ -35,13 +35,13 @@ def main():
             with tempfile.TemporaryDirectory() as cache, mock.patch.dict("os.environ", {"BIRDGEN_CACHE_DIR": cache}):
                 started = time.perf_counter()
                 if name.startswith("data check"):
-                    report = check_dataset(REAL_CUB / "images", crop="center", progress=False)
+                    report = check_dataset(REAL_CUB / "images", CropSettings(crop="center"), progress=False)
                 else:
-                    load_crops(REAL_CUB, crop="center", progress=False)
+                    load_crops(REAL_CUB, CropSettings(crop="center"), progress=False)
                 seconds[name].append(time.perf_counter() - started)
     with tempfile.TemporaryDirectory() as cache, mock.patch.dict("os.environ", {"BIRDGEN_CACHE_DIR": cache}):
-        folder = load_crops(REAL_CUB / "images", crop="center", progress=False)
-        layout = load_crops(REAL_CUB, crop="center", progress=False)
+        folder = load_crops(REAL_CUB / "images", CropSettings(crop="center"), progress=False)
+        layout = load_crops(REAL_CUB, CropSettings(crop="center"), progress=False)
     order = {key: index for index, key in enumerate(layout.keys.tolist())}
     aligned = np.array([order[key] for key in folder.keys.tolist()])
     medians = {name: round(statistics.median(values), 2) for name, values in seconds.items()}

@@ -12,9 +12,10 @@ import torch
 
 from common import REAL_CUB, alternate, machine, save
 
-from birdgen.data import load_crop, load_crops, random_flip, to_model_range
+from birdgen.data import CropSettings, load_crop, load_crops, random_flip
+from birdgen.images import to_model_range
 from birdgen.sources import read_metadata
-from birdgen.training_loop import BatchStream
+from birdgen.run_folder import BatchStream
 
 BATCH = 32
 
@@ -39,7 +40,8 @@ def main():
     def on_the_fly():
         for _ in range(args.batches_per_round):
             picks = rng.choice(len(meta.records), BATCH, replace=False)
-            crops = [load_crop(REAL_CUB / "images" / meta.records[i].path, meta.records[i].box, 64, "square", 0.1)
+            crops = [load_crop(REAL_CUB / "images" / meta.records[i].path, meta.records[i].box,
+                               CropSettings(64, "square", 0.1))
                      for i in picks]
             random_flip(to_model_range(torch.from_numpy(np.stack(crops))), generator)
 

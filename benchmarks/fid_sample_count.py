@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from common import REAL_CUB, REPO, machine, save, with_precision
-from birdgen.data import cache_dir, load_crops, recover_split
+from birdgen.data import CropSettings, cache_dir, load_crops, recover_split
 from birdgen.evaluation import EvalSettings, extract_features, generate_uint8, kid_and_fid, resolved_settings
 from birdgen.features import InceptionFeatures, find_inception_weights
 from birdgen.model_folder import load_model
@@ -82,7 +82,7 @@ def main() -> None:
         stored.parent.mkdir(parents=True, exist_ok=True)
         np.save(stored, generated.numpy())
     extractor = InceptionFeatures(find_inception_weights()).eval()
-    crops = load_crops(REAL_CUB, 64, progress=False)
+    crops = load_crops(REAL_CUB, CropSettings(size=64), progress=False)
     train, heldout = recover_split(model.data, crops, args.model)
     fake, fake_rate = timed_features(extractor, generated)
     heldout_real, _ = timed_features(extractor, crops.images[heldout])

@@ -24,10 +24,11 @@ import torch
 from common import REAL_CUB, REPO, machine, save
 
 from birdgen.data import cache_dir
-from birdgen.evaluation import EvalSettings, run_evaluation, save_pairs
+from birdgen.evaluation import EvalSettings, run_evaluation
+from birdgen.memorization import save_pairs
 from birdgen.model_folder import load_model
 from birdgen.pipeline import GenerationRequest, generate
-from birdgen.utils import save_grid
+from birdgen.images import save_grid
 
 EXTRA = REAL_CUB.parent / "CUB_extra_folder"
 SPECIES = ("American_Redstart", "Anna_Hummingbird", "Blue_Grosbeak", "Cactus_Wren", "Horned_Puffin",

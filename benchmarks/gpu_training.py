@@ -28,10 +28,11 @@ import torch
 
 from common import REAL_CUB, REPO, machine, save
 from train_throughput import diffusers_step_fn
-from birdgen.data import load_crops
+from birdgen.data import CropSettings, load_crops
 from birdgen.networks import UNet, parameter_count, preset
 from birdgen.run_folder import read_metrics
-from birdgen.training_loop import TrainConfig, train
+from birdgen.run_config import TrainConfig
+from birdgen.train import train
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity), FLOP/s.
 BF16_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12}
@@ -145,7 +146,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     started = time.perf_counter()
-    crops = load_crops(REAL_CUB, 64, progress=False)
+    crops = load_crops(REAL_CUB, CropSettings(size=64), progress=False)
     images = torch.from_numpy(crops.images)
     peak = bf16_peak(device)
     rows, sweep = [], []

@@ -28,10 +28,10 @@ from PIL import Image, ImageFilter
 
 from common import REAL_CUB, REPO, machine, save
 from birdgen.model_folder import load_model
-from birdgen.data import load_crops, recover_split
-from birdgen.evaluation import (NEAR_COPY_PERCENTILE, distances_to_train, extract_features, heldout_near_copies,
-                                kid_and_fid, pixel_vectors, pixel_vectors_with_mirrors, precision_recall,
-                                real_features)
+from birdgen.data import CropSettings, load_crops, recover_split
+from birdgen.evaluation import extract_features, kid_and_fid, precision_recall, real_features
+from birdgen.memorization import (NEAR_COPY_PERCENTILE, distances_to_train, heldout_near_copies, pixel_vectors,
+                                  pixel_vectors_with_mirrors)
 from birdgen.features import choose_feature_space, load_extractor
 
 
@@ -87,7 +87,7 @@ def main() -> None:
     print(note)
     extractor = load_extractor(space).eval()
     identity = extractor.identity
-    crops = load_crops(REAL_CUB, 64, progress=False)
+    crops = load_crops(REAL_CUB, CropSettings(size=64), progress=False)
     record = load_model(REPO / "models" / "small").data  # the shipped models' split
     train, heldout = recover_split(record, crops, "models/small")
     reference = real_features(crops, heldout, extractor, identity, 16, "cpu", None)

@@ -22,7 +22,7 @@ import torch
 from common import REAL_CUB, machine, save
 from train_throughput import DiffusersAsBirdgen, birdgen_step_fn, diffusers_step_fn, diffusers_unet
 
-from birdgen.data import load_crops
+from birdgen.data import SplitSettings, load_crops
 from birdgen.diffusion import DiffusionConfig, NoiseSchedule, heldout_loss
 from birdgen.networks import UNet, parameter_count, preset
 
@@ -33,7 +33,7 @@ def sample_fd(network, schedule, heldout_uint8, count: int) -> float:
     """MobileNet FD between `count` DDIM-25 samples of the network and `count` held-out crops."""
     import warnings
 
-    from birdgen.data import to_uint8
+    from birdgen.images import to_uint8
     from birdgen.evaluation import extract_features, kid_and_fid
     from birdgen.features import MobileNetFeatures
     from birdgen.samplers import DDIMSampler, Denoiser, initial_noise, run_to_end
@@ -50,8 +50,9 @@ def sample_fd(network, schedule, heldout_uint8, count: int) -> float:
 def train_and_score(name: str, minutes: float, heldout_count: int, samples: int) -> dict:
     torch.set_num_threads(1)
     crops = load_crops(REAL_CUB, progress=False)
-    train_images = torch.from_numpy(crops.images[crops.split_indices("official", "train")])
-    heldout = crops.tensor(crops.split_indices("official", "test")[:heldout_count])
+    train_indices, heldout_indices = crops.split(SplitSettings("official"))
+    train_images = torch.from_numpy(crops.images[train_indices])
+    heldout = crops.tensor(heldout_indices[:heldout_count])
     schedule = NoiseSchedule(DiffusionConfig())
     torch.manual_seed(0)
     ours = UNet(preset("small"))
@@ -69,7 +70,7 @@ def train_and_score(name: str, minutes: float, heldout_count: int, samples: int)
     cpu_seconds = time.process_time() - cpu_start
     scored.eval()
     losses = heldout_loss(scored, schedule, heldout)
-    heldout_uint8 = crops.images[crops.split_indices("official", "test")[:heldout_count]]
+    heldout_uint8 = crops.images[crops.split(SplitSettings("official"))[1][:heldout_count]]
     result = {"parameters": parameter_count(network), "steps": steps, "images_seen": steps * 32,
               "train_cpu_seconds": round(cpu_seconds, 1), "heldout_mse": losses,
               "heldout_mse_mean": sum(losses.values()) / len(losses),

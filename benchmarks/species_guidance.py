@@ -24,7 +24,7 @@ import torch
 
 from common import REAL_CUB, REPO, load_guide, load_guide_name, machine
 from birdgen.model_folder import check_guide, load_model
-from birdgen.data import load_crops
+from birdgen.data import CropSettings, load_crops
 from birdgen.evaluation import EvalSettings, evaluate
 from birdgen.features import choose_feature_space, load_extractor
 from birdgen.guidance import parse_interval
@@ -81,7 +81,7 @@ def main() -> None:
     guides = {spec: load_guide(spec) for spec in args.guide}
     for folder in args.model:
         model = load_model(REPO / folder, guide="none")
-        crops = load_crops(REAL_CUB, model.network_config.image_size, progress=False)
+        crops = load_crops(REAL_CUB, CropSettings(size=model.network_config.image_size), progress=False)
         for spec, guide in guides.items():
             check_guide(model, guide, spec)
         for (spec, guide_weight), interval, weight in itertools.product(guidings, args.intervals, args.weights):

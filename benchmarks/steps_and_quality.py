@@ -21,7 +21,7 @@ import torch
 
 from common import REAL_CUB, REPO, alternate, machine, score_samples, stored_results
 from birdgen.model_folder import load_model
-from birdgen.data import load_crops, recover_split
+from birdgen.data import CropSettings, load_crops, recover_split
 from birdgen.evaluation import EvalSettings, real_features
 from birdgen.features import choose_feature_space, load_extractor
 from birdgen.pipeline import GenerationRequest, generate
@@ -101,7 +101,7 @@ def main() -> None:
     results["machine"] = machine()
     extractor = load_extractor(space).eval()
     teacher = load_model(REPO / args.teacher)
-    crops = load_crops(REAL_CUB, teacher.network_config.image_size, progress=False)
+    crops = load_crops(REAL_CUB, CropSettings(size=teacher.network_config.image_size), progress=False)
     _, heldout = recover_split(teacher.data, crops, args.teacher)
     reference = real_features(crops, heldout, extractor, extractor.identity, 64, "cpu", None)
     results["num_real"] = len(heldout)

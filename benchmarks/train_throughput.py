@@ -14,10 +14,12 @@ import torch.nn.functional as F
 
 from common import REAL_CUB, RssPeak, alternate, machine, peak_rss_mb_in_child, save
 
-from birdgen.data import load_crops, random_flip, to_model_range
+from birdgen.data import load_crops, random_flip
+from birdgen.images import to_model_range
 from birdgen.diffusion import DiffusionConfig, DiffusionLoss, NoiseSchedule
 from birdgen.networks import UNet, parameter_count, preset
-from birdgen.training_loop import EMA, BatchStream, draw_batch
+from birdgen.loop import EMA, draw_batch
+from birdgen.run_folder import BatchStream
 
 BATCH = 32
 

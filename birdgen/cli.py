@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import re
 import sys
 import time
 import types
@@ -11,19 +13,34 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
+import torch
+from tqdm.auto import tqdm
+
 from .model_folder import ModelError, build_model, load_model, push_model
-from .data import CROP_MODES, SPLITS, DatasetError, load_crops, summarize
-from .distillation import DistillConfig, distill
+from .data import CROP_MODES, SPLITS, CropSettings, DatasetError, SplitSettings, load_crops, summarize
+from .datacheck import check_dataset
+from .distillation import distill
 from .diffusion import DiffusionConfig
 from .download import DownloadError, download
-from .editing import EditError
+from .editing import (MASKS, EditError, EditRequest, hole_preview, inpaint_steps, interpolation_steps, load_picture,
+                      make_mask, sdedit_steps)
+from .evaluation import EVAL_SAMPLING, MIN_SAMPLES, EvalSettings, run_evaluation, save_evaluation, summary
+from .features import FEATURE_SPACES, INCEPTION_ENV, INCEPTION_FILE, INCEPTION_PACKAGE, choose_feature_space
+from .metrics_file import EvaluationRecord, read_shown
 from .guidance import (GUIDE_WEIGHT, GUIDE_WEIGHT_RANGE, NO_GUIDE, SPECIES_WEIGHT, SPECIES_WEIGHT_RANGE,
                        parse_interval)
 from .networks import PRESETS, parameter_count, preset
 from .pipeline import DEFAULT_SAMPLING, GenerationRequest, generation_steps, make_request_sampler
-from .samplers import DEFAULT_STEPS, SAMPLERS
-from .training_loop import TrainConfig, TrainingError, train
-from .utils import WriteError, atomic_write_bytes, machine_description, resolve_device, save_grid
+from .samplers import DEFAULT_STEPS, SAMPLERS, run_steps
+from .species import readable, require_species_model, resolve_species, species_names
+from .export import export_any_run, set_guide
+from .run_config import DistillConfig, TrainConfig, resolve
+from .run_folder import TrainingError
+from .sources import open_source
+from .train import train
+from .images import save_grid
+from .utils import WriteError, atomic_write_bytes, machine_description, resolve_device
+from .visualize import interpolation_gif
 
 USER_ERRORS = (DatasetError, ModelError, TrainingError, DownloadError, EditError, ValueError, FileNotFoundError)
 
@@ -130,9 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_eval_parser(commands) -> None:
-    from .evaluation import EVAL_SAMPLING, MIN_SAMPLES
-    from .features import FEATURE_SPACES, INCEPTION_ENV, INCEPTION_FILE, INCEPTION_PACKAGE
-
     parser = commands.add_parser("eval", help="FD/KID, precision/recall and a memorization check against real crops")
     parser.add_argument("--model", required=True, help="model folder or Hub id")
     parser.add_argument("--data", required=True, help="the dataset the model trained on: its CUB_200_2011 folder,"
@@ -165,10 +179,6 @@ def add_eval_parser(commands) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import EvalSettings, run_evaluation, save_evaluation, short_summary, summary
-    from .features import choose_feature_space
-    from .model_folder import evaluation_key, read_metrics_file
-
     choose_feature_space(args.features, args.inception_weights)  # a missing extractor fails before loading anything
     model = load_guided_model(args, resolve_device(args.device))
     settings = EvalSettings(args.split, args.num_samples, args.sampler, args.steps, args.eta, args.batch_size,
@@ -180,17 +190,17 @@ def cmd_eval(args) -> int:
     print(summary(evaluation.metrics))
     if local:
         path, replaced = save_evaluation(model, evaluation, replace=args.replace)
-        shown = read_metrics_file(path)[evaluation.metrics["feature_space"]]
-        print(f"wrote {path}" + (f" (replaced: {short_summary(replaced)})" if replaced else "")
-              + ("" if evaluation_key(shown) == evaluation_key(evaluation.metrics) else
-                 f"; the card and the pages still show {short_summary(shown)}, the most samples"))
+        stored = EvaluationRecord.from_dict(evaluation.metrics)
+        shown = read_shown(path)[stored.feature_space]
+        print(f"wrote {path}" + (f" (replaced: {replaced.short()})" if replaced else "")
+              + ("" if shown.key() == stored.key() else
+                 f"; the card and the pages still show {shown.short()}, the most samples"))
     return 0
 
 
 def stage_progress():
     """Evaluation progress: on a terminal one bar per stage, closed when the stage ends (so none
     stays open under the next); in a log (not a terminal) one line per finished stage."""
-    from tqdm.auto import tqdm
 
     bars: dict[str, tqdm] = {}
     started: dict[str, float] = {}
@@ -255,8 +265,6 @@ def add_model_folder_parsers(commands) -> None:
 
 
 def add_editing_parsers(commands) -> None:
-    from .editing import MASKS
-
     interpolate = commands.add_parser("interpolate", help="morph one seed's bird into another's (DDIM, spherical)")
     interpolate.add_argument("--model", required=True, help="model folder or Hub id")
     interpolate.add_argument("--seeds", type=int, nargs=2, required=True, metavar=("A", "B"))
@@ -355,8 +363,6 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class=TrainConfig) 
 
 def field_comments(config_class) -> dict[str, str]:
     """Each field's comment in the config dataclass's source: the one place a setting is explained."""
-    import inspect
-    import re
 
     found = dict(re.findall(r"^    (\w+): [^#\n]+#\s*(.+)$", inspect.getsource(config_class), re.MULTILINE))
     missing = [f.name for f in fields(config_class) if f.name not in found]
@@ -380,27 +386,32 @@ def cmd_download(args) -> int:
 
 def add_crop_flags(parser: argparse.ArgumentParser) -> None:
     """How pictures become crops and which split is held out: the same settings `birdgen train` takes."""
-    parser.add_argument("--size", type=int, default=64, help="crop side in pixels (default 64)")
-    parser.add_argument("--crop", choices=("auto", *CROP_MODES), default="auto",
+    crop, split = CropSettings(), SplitSettings()
+    parser.add_argument("--size", type=int, default=crop.size, help=f"crop side in pixels (default {crop.size})")
+    parser.add_argument("--crop", choices=("auto", *CROP_MODES), default=crop.crop,
                         help="auto (square around CUB's boxes, center for folders), square/bbox (CUB), center (the"
                              " middle square) or full (the whole picture padded to a square); default auto")
-    parser.add_argument("--padding", type=float, default=0.1, help="square crops: margin around the box (fraction)")
-    parser.add_argument("--background", default="white", help="what transparent pictures are composited onto: white,"
-                        " black, gray or #rrggbb (default white)")
-    parser.add_argument("--split", choices=SPLITS, default="auto",
+    parser.add_argument("--padding", type=float, default=crop.padding,
+                        help="square crops: margin around the box (fraction)")
+    parser.add_argument("--background", default=crop.background, help="what transparent pictures are composited onto:"
+                        f" white, black, gray or #rrggbb (default {crop.background})")
+    parser.add_argument("--split", choices=SPLITS, default=split.split,
                         help="auto (official for CUB, stratified for class folders, else random), official, random"
                              " or stratified (each class's share held out); default auto")
-    parser.add_argument("--seed", type=int, default=0, help="seed of a random or stratified split (default 0)")
-    parser.add_argument("--test-fraction", type=float, default=0.2,
-                        help="random and stratified splits: share held out (default 0.2)")
+    parser.add_argument("--seed", type=int, default=split.seed,
+                        help=f"seed of a random or stratified split (default {split.seed})")
+    parser.add_argument("--test-fraction", type=float, default=split.test_fraction,
+                        help=f"random and stratified splits: share held out (default {split.test_fraction})")
+
+
+def crop_and_split(args) -> tuple[CropSettings, SplitSettings]:
+    return (CropSettings(args.size, args.crop, args.padding, args.background),
+            SplitSettings(args.split, args.seed, args.test_fraction))
 
 
 def cmd_check(args) -> int:
-    from .datacheck import check_dataset
-
     started = time.perf_counter()
-    report = check_dataset(args.path, args.size, args.crop, args.padding, args.background, args.split, args.seed,
-                           args.test_fraction, progress=not args.json)
+    report = check_dataset(args.path, *crop_and_split(args), progress=not args.json)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -411,8 +422,9 @@ def cmd_check(args) -> int:
 
 def cmd_prepare(args) -> int:
     started = time.perf_counter()
-    crops = load_crops(args.root, args.size, args.crop, args.padding, args.background, strict=args.strict)
-    print(summarize(crops, args.split, args.seed, args.test_fraction))
+    crop, split = crop_and_split(args)
+    crops = load_crops(args.root, crop, strict=args.strict)
+    print(summarize(crops, split))
     print(f"({time.perf_counter() - started:.1f} s)")
     return 0
 
@@ -436,8 +448,6 @@ def cmd_sample(args) -> int:
         args.guide_interval = None
     species = ()
     if args.species:
-        from .species import require_species_model, resolve_species
-
         require_species_model(model)
         species = tuple(range(model.network_config.num_classes)) if [s.lower() for s in args.species] == ["all"] \
             else tuple(resolve_species(model, text) for text in args.species)
@@ -451,8 +461,6 @@ def cmd_sample(args) -> int:
         for index, image in enumerate(step.x):
             save_grid(image[None], Path(args.individual) / f"{index:04d}.png")
     if species:
-        from .species import species_names
-
         names = species_names(model)
         print(f"rows: {', '.join(names[s] for s in species)}")
     print(f"{request.total_images} images, {step.num_steps} {sampler.name} steps{guidance_text(model, args, bool(species))}"
@@ -461,8 +469,6 @@ def cmd_sample(args) -> int:
 
 
 def cmd_species(args) -> int:
-    from .species import readable, require_species_model
-
     model = load_model(args.model)
     require_species_model(model)
     print(f"{model.name} knows {len(model.species)} species (id, name):")
@@ -474,9 +480,7 @@ def cmd_species(args) -> int:
 def run_with_bar(steps, label: str):
     """Runs a step generator with a terminal progress bar sized by the steps' own num_steps;
     returns the last step and the seconds taken."""
-    from tqdm.auto import tqdm
 
-    from .samplers import run_steps
 
     started, bar = time.perf_counter(), tqdm(desc=label, unit="step")
 
@@ -492,8 +496,6 @@ def run_with_bar(steps, label: str):
 
 
 def read_picture(path: str, size: int):
-    from .editing import EditError, load_picture
-
     try:
         data = Path(path).read_bytes()
     except OSError as error:
@@ -502,14 +504,9 @@ def read_picture(path: str, size: int):
 
 
 def cmd_interpolate(args) -> int:
-    from .editing import interpolation_steps
-    from .visualize import interpolation_gif
-
     model = load_guided_model(args, resolve_device(args.device))
     species = None
     if args.species:
-        from .species import resolve_species
-
         species = tuple(resolve_species(model, text) for text in args.species)
     steps = interpolation_steps(model, args.seeds[0], args.seeds[1], args.frames, args.steps, species, args.guidance,
                                 args.guide_weight, args.guide_interval)
@@ -523,16 +520,10 @@ def cmd_interpolate(args) -> int:
 
 
 def cmd_edit(args) -> int:
-    import torch
-
-    from .editing import EditRequest, sdedit_steps
-
     model = load_guided_model(args, resolve_device(args.device))
     image = read_picture(args.image, model.network_config.image_size)
     species = None
     if args.species:
-        from .species import resolve_species
-
         species = resolve_species(model, args.species)
     request = EditRequest(args.sampler, args.steps, args.strength, args.num, args.seed, args.eta, species,
                           args.guidance, args.guide_weight, args.guide_interval)
@@ -544,10 +535,6 @@ def cmd_edit(args) -> int:
 
 
 def cmd_inpaint(args) -> int:
-    import torch
-
-    from .editing import hole_preview, inpaint_steps, make_mask
-
     model = load_guided_model(args, resolve_device(args.device))
     size = model.network_config.image_size
     image = read_picture(args.image, size)
@@ -560,14 +547,9 @@ def cmd_inpaint(args) -> int:
     return 0
 
 
-def run_config(config_class, values: dict, data_hint: str):
-    """The settings of a run command: a --config file's (training only), else on --resume the run
-    folder's saved ones, else the defaults; then every flag given on top. A fine-tune (--init-from)
-    gets FINE_TUNE_DEFAULTS where neither says otherwise. A missing or unreadable dataset fails
-    here, before any work starts."""
-    from .sources import open_source
-    from .training_loop import FINE_TUNE_DEFAULTS
-
+def given_settings(config_class, values: dict) -> dict:
+    """The settings a run command was given: a --config file's (training only), else on --resume
+    the run folder's saved ones; then every flag given on top."""
     given = {}
     if values.get("config"):
         given = config_class.from_file(values["config"]).__dict__
@@ -575,35 +557,35 @@ def run_config(config_class, values: dict, data_hint: str):
     saved = Path(values["out"]) / "config.json"
     if values["resume"] and not values.get("config") and saved.is_file():
         given = config_class.from_dict(json.loads(saved.read_text()), str(saved)).__dict__
-    given |= {f.name: values[f.name] for f in fields(config_class) if f.name in values}
-    if given.get("init_from") and config_class is TrainConfig:
-        given = {**FINE_TUNE_DEFAULTS, **TrainConfig(init_from=given["init_from"]).base_settings(), **given}
-    config = config_class.from_dict(given)
-    if not config.data:
-        raise TrainingError(f"no data folder: pass --data DIR ({data_hint})")
-    open_source(config.data)
-    return config
+    return given | {f.name: values[f.name] for f in fields(config_class) if f.name in values}
+
+
+def require_data(data: str, hint: str) -> None:
+    """A missing or unreadable dataset fails here, before any work starts."""
+    if not data:
+        raise TrainingError(f"no data folder: pass --data DIR ({hint})")
+    open_source(data)
 
 
 def cmd_train(args) -> int:
     values = vars(args)
-    config = run_config(TrainConfig, values, "a CUB_200_2011 folder, or set data in --config")
-    latest = train(config, values["out"], resume=values["resume"], overwrite=values["overwrite"])
+    run = resolve(given_settings(TrainConfig, values))
+    require_data(run.config.data, "a CUB_200_2011 folder, or set data in --config")
+    latest = train(run, values["out"], resume=values["resume"], overwrite=values["overwrite"])
     print(f"Checkpoint: {latest}")
     return 0
 
 
 def cmd_distill(args) -> int:
     values = vars(args)
-    config = run_config(DistillConfig, values, "the CUB_200_2011 folder the teacher trained on")
+    config = DistillConfig.from_dict(given_settings(DistillConfig, values))
+    require_data(config.data, "the CUB_200_2011 folder the teacher trained on")
     latest = distill(config, values["out"], resume=values["resume"], overwrite=values["overwrite"])
     print(f"Checkpoint: {latest}")
     return 0
 
 
 def cmd_export(args) -> int:
-    from .modelcard import export_any_run
-
     folder = export_any_run(args.run, args.to, half=not args.fp32, heldout_batches=args.heldout_batches,
                             student_steps=args.steps, guide=args.guide, guide_weight=args.guide_weight,
                             interval=args.guide_interval, step=args.checkpoint_step, guides=args.guides,
@@ -613,8 +595,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_set_guide(args) -> int:
-    from .modelcard import set_guide
-
     model = load_model(args.model, guide=NO_GUIDE)
     interval = parse_interval(args.guide_interval, model.schedule.num_steps) if args.guide_interval else None
     set_guide(args.model, args.guide, args.guide_weight, interval)

@@ -12,7 +12,7 @@ import json
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .sources import DatasetError, PictureError, Source, decode_picture, open_source, parse_background
+from .sources import DatasetError, Layout, PictureError, Source, decode_picture, layout_of, open_source, parse_background
+from .images import to_model_range
+from .utils import atomic_write
 
 CROP_MODES = ("square", "bbox", "center", "full")  # square/bbox need bounding boxes (CUB)
 SPLITS = ("auto", "official", "random", "stratified")
+TRAIN_PARTS = ("train", "all")  # what a run trains on: the split's training part, or every picture
 MIN_PICTURE_SIDE = 32  # pictures whose shorter side is smaller are refused, by name
 CACHE_FORMAT_VERSION = 2
 
@@ -33,31 +36,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BIRDGEN_CACHE_DIR") or Path.home() / ".cache" / "birdgen")
 
 
-def resolve_split(split: str, layout: str) -> str:
-    """'auto': the official split of CUB, a per-class (stratified) random split of class folders,
-    a random split of a flat folder. A folder asked for an 'official' split says it has none."""
+def resolve_split(split: str, kind: Layout) -> str:
+    """'auto': the source's own split (official for CUB, stratified for class folders, random for
+    a flat folder). A source asked for a split it cannot make says why not."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     if split == "auto":
-        return {"cub": "official", "class-folders": "stratified"}.get(layout, "random")
-    if split == "official" and layout != "cub":
+        return kind.default_split
+    if split == "official" and not kind.official_split:
         raise DatasetError("an image folder has no official train/test split; use --split random or stratified"
                            " (seeded, --test-fraction held out)")
-    if split == "stratified" and layout == "flat":
+    if split == "stratified" and not kind.has_classes:
         raise DatasetError("a flat folder has no classes to stratify by; use --split random")
     return split
-
-
-def resolve_crop(crop: str | None, source_has_boxes: bool) -> str:
-    """None or 'auto': the source's default ('square' around CUB's boxes, 'center' for folders)."""
-    if crop in (None, "", "auto"):
-        return "square" if source_has_boxes else "center"
-    if crop not in CROP_MODES:
-        raise ValueError(f"unknown crop mode {crop!r}; choose one of {CROP_MODES}")
-    if crop in ("square", "bbox") and not source_has_boxes:
-        raise DatasetError(f"crop {crop!r} needs bounding boxes, which an image folder does not have; use center"
-                           " (a square from the middle) or full (the whole picture padded to a square)")
-    return crop
 
 
 def crop_box(image_size: tuple[int, int], box, mode: str = "square", padding: float = 0.1):
@@ -105,28 +96,54 @@ def crop_picture(image: Image.Image, box, settings: "CropSettings") -> tuple[np.
     return np.asarray(crop, dtype=np.uint8), min(region[2] - region[0], region[3] - region[1])
 
 
-def load_crop(path: Path, box, size: int, mode: str, padding: float, background: str = "white") -> np.ndarray:
-    """Decodes one picture file (see `sources.decode_picture`) and crops it."""
-    settings = CropSettings(size, mode, padding, background)
-    image = decode_picture(Path(path).read_bytes(), parse_background(background)).image
+def load_crop(path: Path, box, settings: "CropSettings") -> np.ndarray:
+    """Decodes one picture file (see `sources.decode_picture`) and crops it (a resolved crop mode)."""
+    image = decode_picture(Path(path).read_bytes(), parse_background(settings.background)).image
     return crop_picture(image, box, settings)[0]
 
 
 @dataclass(frozen=True)
 class CropSettings:
-    size: int = 64
-    crop: str = "square"
+    """How pictures become crops: the one place their defaults and ranges live (TrainConfig's
+    fields, the CLI's crop flags, the split record and the check all read them here)."""
+
+    size: int = 64  # crop side in pixels
+    crop: str = "auto"  # "auto" (the source's default: square around CUB's boxes, else center) or a CROP_MODES
     padding: float = 0.1  # square crops: margin around the box, as a fraction of its side
     background: str = "white"  # what transparent pictures (and `full` crops' borders) are filled with
 
     def __post_init__(self):
         if self.size < 8:
             raise ValueError(f"image size {self.size} is too small (at least 8 pixels)")
-        if self.crop not in CROP_MODES:
+        if self.crop not in ("auto", *CROP_MODES):
             raise ValueError(f"unknown crop mode {self.crop!r}; choose one of {CROP_MODES}")
         if not 0 <= self.padding <= 2:
             raise ValueError(f"padding {self.padding} out of range [0, 2]")
         parse_background(self.background)
+
+    def for_layout(self, kind: Layout) -> "CropSettings":
+        """These settings with 'auto' made the source's own crop; a crop the source cannot cut is refused."""
+        crop = kind.default_crop if self.crop == "auto" else self.crop
+        if crop in ("square", "bbox") and not kind.has_boxes:
+            raise DatasetError(f"crop {crop!r} needs bounding boxes, which an image folder does not have; use center"
+                               " (a square from the middle) or full (the whole picture padded to a square)")
+        return replace(self, crop=crop)
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """Which pictures a model trains on and which it never sees: the split, its seed, the share
+    held out (random and stratified splits), and whether the run trains on every picture."""
+
+    split: str = "auto"  # "auto" (official for CUB, stratified for class folders, else random) or a SPLITS
+    seed: int = 0  # seeds a random or stratified split
+    test_fraction: float = 0.2  # random and stratified splits: share of images (of each class) held out
+    train_on: str = "train"  # "train" part of the split, or "all" images
+
+    def __post_init__(self):
+        for name, allowed in (("split", SPLITS), ("train_on", TRAIN_PARTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
 
 
 @dataclass
@@ -139,7 +156,7 @@ class Crops:
     labels: np.ndarray  # (N,) int64 class ids (0 where the source has no classes)
     is_train: np.ndarray  # (N,) bool, the official split (all False without one)
     class_names: dict[int, str]
-    layout: str = "cub"  # "cub", "class-folders" or "flat"
+    layout: str  # the source's layout, a key of sources.LAYOUTS
     dataset: str = ""  # the source's folder (or zip) name
     root: str = ""  # the source's path, resolved
     keys: np.ndarray = field(default_factory=lambda: np.array([], str))  # (N,) paths inside the source
@@ -157,35 +174,31 @@ class Crops:
         return len(self.images)
 
     @property
-    def class_word(self) -> str:
-        """What one class is called in messages: CUB's are species, a folder's are classes."""
-        return "species" if self.layout == "cub" else "class"
+    def kind(self) -> Layout:
+        return layout_of(self.layout)
 
-    def split_indices(self, split: str = "official", part: str = "train", seed: int = 0,
-                      test_fraction: float = 0.2) -> np.ndarray:
-        """Indices of one part ('train', 'test' or 'all') of a split: 'official' (CUB's file),
-        'random' (a seeded share `test_fraction` of all pictures held out), 'stratified' (that
-        share of each class held out) or 'auto' (see `resolve_split`)."""
-        if part == "all":
-            return np.arange(len(self))
-        if part not in ("train", "test"):
-            raise ValueError(f"unknown split part {part!r}; choose train, test or all")
-        split = resolve_split(split, self.layout)
+    def split(self, settings: SplitSettings, need_heldout: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(training, held-out) indices of a split: 'official' (CUB's file), 'random' (a seeded share
+        `test_fraction` of all pictures held out), 'stratified' (that share of each class held out)
+        or 'auto' (see `resolve_split`); with train_on 'all' every picture trains. `need_heldout`: an
+        empty held-out part is an error too."""
+        split = resolve_split(settings.split, self.kind)
+        train, heldout = np.zeros(len(self), bool), np.zeros(len(self), bool)
         if split == "official":
-            mask = self.is_train if part == "train" else ~self.is_train
+            train, heldout = self.is_train, ~self.is_train
         else:
-            rng = np.random.default_rng(seed)
+            rng = np.random.default_rng(settings.seed)
             groups = [np.arange(len(self))] if split == "random" else \
                 [np.flatnonzero(self.labels == label) for label in np.unique(self.labels)]
-            mask = np.zeros(len(self), bool)
             for group in groups:
                 order = group[rng.permutation(len(group))]
-                n_test = int(round(len(group) * test_fraction))
-                mask[order[n_test:] if part == "train" else order[:n_test]] = True
-        indices = np.flatnonzero(mask)
-        if len(indices) == 0:
-            raise DatasetError(f"the {split} split has no {part} images")
-        return indices
+                n_test = int(round(len(group) * settings.test_fraction))
+                train[order[n_test:]], heldout[order[:n_test]] = True, True
+        if settings.train_on != "all" and not train.any():
+            raise DatasetError(f"the {split} split has no train images")
+        if need_heldout and not heldout.any():
+            raise DatasetError(f"the {split} split has no test images")
+        return (np.arange(len(self)) if settings.train_on == "all" else np.flatnonzero(train)), np.flatnonzero(heldout)
 
     def tensor(self, indices=None) -> torch.Tensor:
         """Images as float32 NCHW in [-1, 1], the model's pixel range."""
@@ -197,17 +210,17 @@ def ids_digest(image_ids: np.ndarray) -> str:
     return hashlib.sha256(",".join(str(int(i)) for i in sorted(image_ids)).encode()).hexdigest()
 
 
-def split_record(crops: Crops, split: str, seed: int, test_fraction: float, train_on: str) -> dict:
-    """What a model trained on, for its model folder: enough to rebuild its training and
-    held-out crops exactly from the same dataset (checked by a digest of the image ids)."""
-    split = resolve_split(split, crops.layout)
-    train = crops.split_indices(split, "all" if train_on == "all" else "train", seed, test_fraction)
-    settings = crops.settings
-    return {"dataset": crops.dataset, "num_images": len(crops), "image_size": int(crops.images.shape[1]),
-            "crop": settings.crop, "padding": settings.padding, "split": split, "seed": seed,
-            "test_fraction": test_fraction, "train_on": train_on, "num_train": len(train),
+def split_record(crops: Crops, settings: SplitSettings) -> dict:
+    """What a model trained on, for its model folder (`records.DataRecord`'s fields): enough to
+    rebuild its training and held-out crops exactly from the same dataset (checked by a digest of
+    the image ids)."""
+    train = crops.split(settings)[0]
+    cut = crops.settings
+    return {"dataset": crops.dataset, "num_images": len(crops), "image_size": cut.size, "crop": cut.crop,
+            "padding": cut.padding, "split": resolve_split(settings.split, crops.kind), "seed": settings.seed,
+            "test_fraction": settings.test_fraction, "train_on": settings.train_on, "num_train": len(train),
             "train_ids_sha256": ids_digest(crops.image_ids[train]), "layout": crops.layout,
-            "background": settings.background, "path": crops.root}
+            "background": cut.background, "path": crops.root}
 
 
 def require_split_record(record, where: str) -> None:
@@ -228,8 +241,7 @@ def recover_split(record, crops: Crops, where: str) -> tuple[np.ndarray, np.ndar
     if record.train_on == "all":
         raise DatasetError(f"{where}: the model trained on every image, so there are no held-out crops to"
                            " compare with")
-    train = crops.split_indices(record.split, "train", record.seed, record.test_fraction)
-    heldout = crops.split_indices(record.split, "test", record.seed, record.test_fraction)
+    train, heldout = crops.split(record.split_settings, need_heldout=True)
     if ids_digest(crops.image_ids[train]) != record.train_ids_sha256:
         raise DatasetError(f"{where}: this dataset's {record.split} split (seed {record.seed}) does not give the"
                            " training images the model recorded; use the dataset it was trained on")
@@ -240,41 +252,29 @@ def model_crops(record, root: str | os.PathLike, where: str) -> tuple[Crops, np.
     """The crops a model trained on, rebuilt from `root` with its split record's settings, and
     its (training, held-out) indices; one-line errors when `root` is not that dataset."""
     require_split_record(record, where)
-    crops = load_crops(root, record.image_size, record.crop, record.padding, record.background or "white",
-                       progress=False)
+    crops = load_crops(root, record.crop_settings, progress=False)
     train, heldout = recover_split(record, crops, where)
     return crops, train, heldout
-
-
-def to_model_range(images_uint8_nhwc: torch.Tensor) -> torch.Tensor:
-    return images_uint8_nhwc.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Model-range NCHW images to uint8 NHWC on the CPU."""
-    return images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 def cache_path_for(source: Source, settings: CropSettings, directory: Path | None = None) -> Path:
     key = json.dumps({"root": str(source.path.resolve()), "settings": asdict(settings),
                       "format": CACHE_FORMAT_VERSION, "source": source.fingerprint()}, sort_keys=True)
-    prefix = "cub" if source.layout == "cub" else "folder"
-    name = f"{prefix}-{settings.size}px-{settings.crop}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    name = f"{source.kind.cache_prefix}-{settings.size}px-{settings.crop}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     return (directory or cache_dir() / "crops") / name
 
 
-def load_crops(root: str | os.PathLike, size: int = 64, crop: str | None = None, padding: float = 0.1,
-               background: str = "white", strict: bool = False, cache: bool = True,
-               cache_directory: Path | None = None, progress: bool = True) -> Crops:
+def load_crops(root: str | os.PathLike, settings: CropSettings = CropSettings(), strict: bool = False,
+               cache: bool = True, cache_directory: Path | None = None, progress: bool = True) -> Crops:
     """Decodes and crops every picture of the source at `root` (a CUB root, a folder or a zip)
-    once and caches the result; later calls load the cache. `crop` None: the source's default.
+    once and caches the result; later calls load the cache. Crop 'auto': the source's default.
 
     A file listed by CUB's metadata that is missing always fails. An unreadable or too small
     picture fails with `strict`, else it is left out and listed in `Crops.unusable` with its
     reason (training refuses such a set unless told to skip them).
     """
     source = open_source(root)
-    settings = CropSettings(size, resolve_crop(crop, source.has_boxes), padding, background)
+    settings = settings.for_layout(source.kind)
     path = cache_path_for(source, settings, cache_directory) if cache else None
     if path is not None and path.is_file():
         try:
@@ -354,8 +354,6 @@ _ARRAYS = ("images", "image_ids", "labels", "is_train", "keys", "modes", "sizes"
 
 
 def _write_cache(path: Path, crops: Crops) -> None:
-    from .utils import atomic_write
-
     names = sorted(crops.class_names)
     arrays = {**{name: getattr(crops, name) for name in _ARRAYS},
               "unusable": np.array(crops.unusable, dtype=str).reshape(-1, 2),
@@ -382,18 +380,16 @@ def random_flip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return torch.where(flip[:, None, None, None], batch.flip(-1), batch)
 
 
-def summarize(crops: Crops, split: str = "auto", seed: int = 0, test_fraction: float = 0.2) -> str:
+def summarize(crops: Crops, settings: SplitSettings = SplitSettings()) -> str:
     """Counts per split and per class, for `birdgen data prepare`."""
-    split = resolve_split(split, crops.layout)
-    train = crops.split_indices(split, "train", seed, test_fraction)
-    test = crops.split_indices(split, "test", seed, test_fraction)
+    train, test = crops.split(settings, need_heldout=True)
     classes = np.unique(crops.labels)
-    word = "species" if crops.layout == "cub" else "classes"
-    lines = [f"{len(crops)} images" + (f" in {len(classes)} {word}" if crops.layout != "flat" else "")
-             + f" ({split} split: {len(train)} train, {len(test)} test)"]
+    kind = crops.kind
+    lines = [f"{len(crops)} images" + (f" in {len(classes)} {kind.classes_word}" if kind.has_classes else "")
+             + f" ({resolve_split(settings.split, kind)} split: {len(train)} train, {len(test)} test)"]
     if crops.unusable:
         lines.append(f"left out {len(crops.unusable)} unreadable or too small pictures")
-    if crops.layout != "flat":
+    if kind.has_classes:
         train_counts = np.bincount(crops.labels[train], minlength=crops.labels.max() + 1)
         test_counts = np.bincount(crops.labels[test], minlength=crops.labels.max() + 1)
         for class_id in classes:

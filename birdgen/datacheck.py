@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import MIN_PICTURE_SIDE, Crops, cache_dir, load_crops, random_flip, resolve_split
-from .utils import atomic_write, atomic_write_text, grid_image
+from .data import MIN_PICTURE_SIDE, CropSettings, Crops, SplitSettings, cache_dir, load_crops, random_flip, resolve_split
+from .sources import layout_of
+from .images import grid_image
+from .utils import atomic_write, atomic_write_text
 
 NEAR_DUPLICATE_BITS = 4  # perceptual hashes (64 bits) at most this far apart are near-duplicates
 FEW_PICTURES = 1000  # below this many, fine-tuning a shipped model beats training from scratch
@@ -31,7 +33,7 @@ FLAGGED_SHOWN = 20  # files named in the text report per list (the JSON has them
 @dataclass
 class CheckReport:
     source: str
-    layout: str  # "cub", "class-folders" or "flat"
+    layout: str  # the source's layout, a key of sources.LAYOUTS
     found: int  # pictures by extension
     decoded: int
     unusable: list[tuple[str, str]]  # (file, reason): unreadable or too small
@@ -98,9 +100,7 @@ class CheckReport:
 
 
 def _layout_text(report: CheckReport) -> str:
-    return {"cub": "CUB-200-2011 layout (bounding boxes, official split)",
-            "class-folders": f"image folder with {len(report.classes)} class folders",
-            "flat": "image folder without classes (unconditional)"}[report.layout]
+    return layout_of(report.layout).describe(len(report.classes))
 
 
 def _listed(title: str, entries: list[str]) -> list[str]:
@@ -155,17 +155,16 @@ def advice_for(count: int, classes: list[dict], upscaled: int, duplicates: int, 
     return advice
 
 
-def check_crops(crops: Crops, source: str, split: str = "auto", seed: int = 0, test_fraction: float = 0.2,
-                write: bool = True) -> CheckReport:
+def check_crops(crops: Crops, source: str, settings: SplitSettings = SplitSettings(), write: bool = True) -> CheckReport:
     """The report for crops already decoded (by `load_crops`), written with its preview beside
     the crop cache when `write`."""
-    split = resolve_split(split, crops.layout)
-    train = crops.split_indices(split, "train", seed, test_fraction)
-    test = crops.split_indices(split, "test", seed, test_fraction)
+    split = resolve_split(settings.split, crops.kind)
+    seed, test_fraction = settings.seed, settings.test_fraction
+    train, test = crops.split(settings, need_heldout=True)
     in_test = np.zeros(len(crops), bool)
     in_test[test] = True
     classes = []
-    if crops.layout != "flat":
+    if crops.kind.has_classes:
         for class_id in np.unique(crops.labels):
             members = crops.labels == class_id
             classes.append({"name": crops.class_names.get(int(class_id), str(class_id)), "count": int(members.sum()),
@@ -232,12 +231,11 @@ def save_preview(crops: Crops, indices: np.ndarray, path: Path, seed: int = 0) -
     return atomic_write(path, "the preview", grid.save)
 
 
-def check_dataset(path: str | os.PathLike, size: int = 64, crop: str | None = None, padding: float = 0.1,
-                  background: str = "white", split: str = "auto", seed: int = 0, test_fraction: float = 0.2,
+def check_dataset(path: str | os.PathLike, crop: CropSettings = CropSettings(), split: SplitSettings = SplitSettings(),
                   progress: bool = True) -> CheckReport:
     """Decodes every picture at `path` once into the crop cache and reports on the set."""
-    crops = load_crops(path, size, crop, padding, background, progress=progress)
-    return check_crops(crops, str(path), split, seed, test_fraction)
+    crops = load_crops(path, crop, progress=progress)
+    return check_crops(crops, str(path), split)
 
 
 def refusal(crops: Crops, data: str) -> str:

@@ -12,92 +12,28 @@ teacher.safetensors = this round's teacher and state.pt, samples/), so it resume
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .data import model_crops, recover_split
-from .guidance import GUIDE_WEIGHT_RANGE, GuidanceError, ResolvedGuidance, check_weight
-from .diffusion import DiffusionConfig, NoiseSchedule
-from .model_folder import BirdModel, ModelError, config_dict, load_model, save_model
-from .networks import UNet, UNetConfig, parameter_count
-from .records import DistillationRecord, SamplingRecord, record_dict
-from .run_folder import BatchStream, LoopState, RunFolder, StopRequests, TrainingError, read_state, save_weights
+from .guidance import GuidanceError, ResolvedGuidance
+from .diffusion import NoiseSchedule
+from .loop import check_streak, draw_batch, log_interval, preview_images, resolve_precision
+from .model_folder import BirdModel, ModelError, config_dict, load_model
+from .networks import parameter_count
+from .records import record_dict
+from .run_config import DistillConfig
+from .run_folder import BatchStream, LoopState, RunFolder, StopRequests, TrainingError, save_weights
 from .samplers import DDIMSampler
-from .training_loop import check_streak, config_from_dict, draw_batch, log_interval, preview_images, resolve_precision
 from .utils import atomic_write, machine_description, resolve_device
 
 METHOD = "progressive distillation (Salimans & Ho 2022)"
 RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_threads", "progress",
                      "max_nonfinite", "device", "precision", "channels_last"}
-
-
-@dataclass
-class DistillConfig:
-    teacher: str = "models/small-attn"  # model folder: a trained model, or a student to halve further
-    guide: str = ""  # guide folder that autoguides the first round's targets, or "none"; unset: the teacher's own
-    guide_weight: float | None = None  # its weight w, 0-5 (1: unguided); unset: the teacher's default
-    data: str = ""  # CUB_200_2011 root; the teacher's own training crops are used (its split record)
-    teacher_steps: int = 32  # DDIM steps of the teacher that the first round halves
-    steps_target: int = 4  # DDIM steps of the final student; teacher_steps / steps_target must be a power of 2
-    round_steps: int = 1000  # optimizer steps per halving round
-    batch_size: int = 32  # images per optimizer step
-    lr: float = 1e-4  # decayed linearly to 0 within each round (Salimans & Ho 2022, appendix)
-    grad_clip: float = 1.0  # clip the gradient norm to this; 0 turns clipping off
-    seed: int = 0  # seeds batches, noise and timesteps
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
-    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
-    channels_last: bool = True  # NHWC memory layout (faster convolutions)
-    num_threads: int = 0  # CPU threads; 0 = all cores
-    checkpoint_every: int = 250  # optimizer steps between resumable checkpoints
-    keep_checkpoints: int = 2  # most recent checkpoints kept
-    sample_every: int = 500  # previews also at the end of every round
-    sample_count: int = 16  # images per preview grid
-    log_every: int = 20  # optimizer steps between metrics.jsonl lines
-    progress: bool = True  # a progress bar on the terminal
-    max_nonfinite: int = 20  # consecutive skipped (non-finite) steps before distillation gives up
-
-    @property
-    def rounds(self) -> int:
-        return round(math.log2(self.teacher_steps / self.steps_target))
-
-    @property
-    def total_steps(self) -> int:
-        return self.rounds * self.round_steps
-
-    def student_steps(self, round_index: int) -> int:
-        return self.teacher_steps >> (round_index + 1)
-
-    def validate(self) -> None:
-        for name in ("teacher_steps", "steps_target", "round_steps", "batch_size", "checkpoint_every",
-                     "keep_checkpoints", "sample_every", "sample_count", "log_every", "max_nonfinite"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        ratio = self.teacher_steps / self.steps_target
-        if self.teacher_steps % self.steps_target or ratio < 2 or ratio != 2 ** round(math.log2(ratio)):
-            raise TrainingError(f"steps_target {self.steps_target} must divide teacher_steps {self.teacher_steps} by a"
-                                " power of two (each round halves the steps), e.g. 32 -> 4")
-        if not self.lr > 0:
-            raise TrainingError(f"learning rate must be positive (got {self.lr})")
-        if self.grad_clip < 0 or self.num_threads < 0:
-            raise TrainingError("grad_clip and num_threads must not be negative")
-        if self.guide_weight is not None:
-            try:
-                check_weight("guide_weight", self.guide_weight, GUIDE_WEIGHT_RANGE)
-            except GuidanceError as error:
-                raise TrainingError(str(error)) from None
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise TrainingError(f"precision {self.precision!r}: choose one of auto, fp32, bf16, fp16")
-
-    @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "DistillConfig":
-        return config_from_dict(cls, values, source)
 
 
 class ProgressiveDistillationLoss:
@@ -301,18 +237,17 @@ def teacher_crops(config: DistillConfig, teacher: BirdModel, crops, device: torc
 def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
             crops=None) -> Path:
     """Runs every round; returns the last checkpoint. Safe to stop at any time (Ctrl-C saves)."""
-    config.validate()
+    config.check()
     try:
         device = resolve_device(config.device)
     except ValueError as error:
         raise TrainingError(str(error)) from None
     teacher_model = load_teacher(config, device)
-    schedule = teacher_model.schedule
     folder = RunFolder(out, config.keep_checkpoints, RESUMABLE_CHANGES)
     folder.prepare(config, resume, overwrite)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    autocast_dtype = resolve_precision(config, device)
+    autocast_dtype = resolve_precision(config.precision, device)
     images = teacher_crops(config, teacher_model, crops, device)
     teacher = teacher_model.network.eval().requires_grad_(False)
     guide, guidance = teacher_guide(config, teacher_model)
@@ -338,21 +273,43 @@ def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False,
           f" {config.batch_size} · {len(images)} training crops · {machine}", flush=True)
     if latest is not None:
         print(f"Resuming {folder.path} from {latest.name} at step {state.step} (round {state.round + 1})", flush=True)
+    rounds = RoundLosses(teacher_model.schedule, config, autocast_dtype, device, guide, guidance)
+    distill_steps(state, folder, config, images, rounds)
+    return folder.checkpoints.latest()
 
+
+class RoundLosses:
+    """Each round's ProgressiveDistillationLoss, made when the round begins; only the first
+    round's teacher is the guided model (later ones are its students)."""
+
+    def __init__(self, schedule: NoiseSchedule, config: DistillConfig, autocast_dtype: torch.dtype | None,
+                 device: torch.device, guide: torch.nn.Module | None, guidance: ResolvedGuidance):
+        self.schedule, self.config, self.autocast_dtype, self.device = schedule, config, autocast_dtype, device
+        self.guide, self.guidance = guide, guidance
+        self.current: ProgressiveDistillationLoss | None = None
+
+    def for_round(self, round_index: int) -> ProgressiveDistillationLoss:
+        steps = self.config.student_steps(round_index)
+        if self.current is None or self.current.student_steps != steps:
+            self.current = ProgressiveDistillationLoss(self.schedule, steps, self.autocast_dtype, self.device,
+                                                       self.guide if round_index == 0 else None,
+                                                       self.guidance.guide_weight, self.guidance.interval)
+        return self.current
+
+
+def distill_steps(state: DistillState, folder: RunFolder, config: DistillConfig, images: torch.Tensor,
+                  rounds: RoundLosses) -> None:
+    """Steps through every round until the end or a signal: each round's student kept when it
+    ends, with the log, previews and checkpoints on their intervals and a last one on the way out."""
     stop = StopRequests()
     bar = tqdm(total=config.total_steps, initial=state.step, desc="Distilling", unit="step",
                disable=not config.progress, dynamic_ncols=True)
     last_saved = state.step
-    loss_fn = None
     try:
         while state.step < config.total_steps and not stop:
             if state.step // config.round_steps != state.round:
                 state.next_round()
-            if loss_fn is None or loss_fn.student_steps != config.student_steps(state.round):
-                # only the first round's teacher is the guided model; later ones are its students
-                loss_fn = ProgressiveDistillationLoss(schedule, config.student_steps(state.round), autocast_dtype,
-                                                      device, guide if state.round == 0 else None,
-                                                      guidance.guide_weight, guidance.interval)
+            loss_fn = rounds.for_round(state.round)
             started = time.perf_counter()
             if not distillation_step(state, loss_fn, images, config):
                 continue
@@ -362,10 +319,10 @@ def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False,
             state.train_seconds += time.perf_counter() - started
             round_done = state.step % config.round_steps == 0
             if round_done:
-                save_student(student, student_file(folder.path, loss_fn.student_steps))
+                save_student(state.student, student_file(folder.path, loss_fn.student_steps))
             if state.step % config.sample_every == 0 or round_done:
-                folder.save_preview(preview_images(student, schedule, config, images.shape[1], autocast_dtype,
-                                                   loss_fn.student_steps), state.step)
+                folder.save_preview(preview_images(state.student, rounds.schedule, config, images.shape[1],
+                                                   rounds.autocast_dtype, loss_fn.student_steps), state.step)
             if state.step % config.checkpoint_every == 0 or round_done:
                 state.save(folder, "interval")
                 last_saved = state.step
@@ -377,7 +334,6 @@ def distill(config: DistillConfig, out: str | os.PathLike, resume: bool = False,
         bar.close()
         folder.close()
         stop.release()
-    return folder.checkpoints.latest()
 
 
 def student_file(run_dir: Path, steps: int) -> Path:
@@ -387,44 +343,3 @@ def student_file(run_dir: Path, steps: int) -> Path:
 def save_student(student: torch.nn.Module, path: Path) -> None:
     """Each round's final student, so one run gives every step count it passed through."""
     atomic_write(path, "the round's student", lambda temporary: save_weights(student, temporary))
-
-
-def export_student(run_dir: str | os.PathLike, out: str | os.PathLike, steps: int | None = None,
-                   half: bool = True) -> Path:
-    """Writes the round's student for `steps` DDIM steps (default: the run's target) as a model
-    folder that records its sampler."""
-    folder = RunFolder(run_dir, 1, set())
-    run_dir = folder.path
-    config = DistillConfig.from_dict(folder.config_values(), str(run_dir / "config.json"))
-    steps = config.steps_target if steps is None else steps
-    rounds = [config.student_steps(r) for r in range(config.rounds)]
-    if steps not in rounds:
-        raise TrainingError(f"{run_dir}: this run distils to {', '.join(map(str, rounds))} steps, not {steps}")
-    round_index = rounds.index(steps)
-    path = student_file(run_dir, steps)
-    if not path.is_file():
-        raise TrainingError(f"{run_dir}: round {round_index + 1} ({steps} steps) has not finished; continue with"
-                            " `birdgen distill --resume`")
-    run = folder.info()
-    network_config, diffusion_config = UNetConfig.from_dict(run["network"]), DiffusionConfig(**run["diffusion"])
-    student = UNet(network_config)
-    student.load_state_dict(load_file(str(path)))
-    latest = folder.checkpoints.latest()
-    seconds = read_state(latest)["train_seconds"] if latest is not None else 0.0
-    done_steps = (round_index + 1) * config.round_steps
-    distillation = DistillationRecord(METHOD, run["teacher"], config.teacher_steps, round_index + 1, config.round_steps,
-                                      config.batch_size, config.lr, done_steps * config.batch_size, run.get("machine"),
-                                      round(seconds / 3600, 2))
-    if run.get("teacher_guidance"):
-        guided = run["teacher_guidance"]
-        distillation = replace(distillation, guide=guided["guide"], guide_weight=guided["guide_weight"],
-                               guide_interval=tuple(guided["guide_interval"]) if guided["guide_interval"] else None)
-    if run.get("teacher_distillation"):  # the teacher was a student: name the model at the root of the chain
-        earlier = DistillationRecord.from_dict(run["teacher_distillation"])
-        distillation = replace(distillation, teacher=earlier.teacher, distilled_teacher=run["teacher"],
-                               images_seen_total=distillation.images_seen + (earlier.images_seen_total
-                                                                             or earlier.images_seen),
-                               earlier=earlier)
-    return save_model(out, student, network_config, diffusion_config, half=half,
-                      training=run.get("teacher_training"), data=run.get("data"),
-                      sampling=SamplingRecord("ddim", steps), distillation=distillation)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .model_folder import BirdModel
-from .data import to_model_range
+from .images import to_model_range
 from .guidance import GUIDE_WEIGHT_RANGE, SPECIES_WEIGHT_RANGE, GuidanceError, check_weight
 from .pipeline import check_student_sampler
 from .samplers import DDIMSampler, Sampler, SamplerStep, initial_noise, make_sampler

@@ -19,26 +19,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchmetrics
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from .data import Crops, cache_dir, model_crops, recover_split, to_uint8
-from .features import FEATURE_LABELS
-from .model_folder import METRICS_FILE, BirdModel, evaluation_key, read_evaluations, shown_evaluations
+from .data import Crops, cache_dir, model_crops, recover_split
+from .export import update_card_quality
+from .features import FEATURE_LABELS, choose_feature_space, load_extractor
+from .images import to_uint8
+from .memorization import MEMORIZATION_PAIRS_FILE, memorization_check, save_pairs
+from .metrics_file import (METRICS_FILE, REPORT_FID, REPORT_KID, EvaluationRecord, add_or_replace, key_of,
+                           species_text, stored_alike)
+from .model_folder import BirdModel
 from .pipeline import GenerationRequest, generate, model_sampling, planned_flops
 from .records import DataRecord
-from .utils import atomic_write, atomic_write_text, grid_image
+from .species import species_index
+from .utils import atomic_write
 
 KID_SUBSET_SIZE = 1000
 PRECISION_RECALL_K = 3  # Kynkäänniemi et al. 2019
 MIN_SAMPLES = 10
-NEAR_COPY_PERCENTILE = 1.0
 EVAL_SAMPLING = ("ddim", 50)  # the sampler of the published numbers
-# The original report's headline (InceptionV3 features; its sample count and real set are not stated).
-REPORT_FID, REPORT_KID = 92.47, 0.2089
 PROBE_IMAGES, PROBE_STEPS = 8, 4  # the pace probe: small enough to run before every estimate
-MEMORIZATION_PAIRS_FILE = "memorization.png"
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -127,95 +133,6 @@ def equal_sizes(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> tuple[
     real = real[torch.randperm(len(real), generator=generator)[:size]] if len(real) > size else real
     fake = fake[torch.randperm(len(fake), generator=generator)[:size]] if len(fake) > size else fake
     return real, fake
-
-
-def nearest(queries: torch.Tensor, references: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(distance, index) of each query's nearest reference, in chunks to bound memory."""
-    distances, indices = [], []
-    for start in range(0, len(queries), chunk):
-        d = torch.cdist(queries[start:start + chunk].double(), references.double())
-        best = d.min(dim=1)
-        distances.append(best.values)
-        indices.append(best.indices)
-    return torch.cat(distances), torch.cat(indices)
-
-
-def pixel_vectors(images_uint8_nhwc: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Flattened pixels in [0, 1], so that distance / sqrt(H*W*3) is an RMS pixel difference."""
-    images = torch.as_tensor(images_uint8_nhwc)
-    return images.reshape(len(images), -1).double() / 255
-
-
-def pixel_vectors_with_mirrors(images_uint8_nhwc: np.ndarray) -> torch.Tensor:
-    """The pixel vectors of training crops, then of their mirror images (training flips them)."""
-    return torch.cat([pixel_vectors(images_uint8_nhwc), pixel_vectors(images_uint8_nhwc[:, :, ::-1].copy())])
-
-
-def distances_to_train(pixels: torch.Tensor, features: torch.Tensor, train_pixels: torch.Tensor,
-                       train_features: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(distance, index) of each image's nearest training crop, per space: the RMS difference in
-    [0, 1] in pixels, the Euclidean distance in features."""
-    pixel_d, pixel_i = nearest(pixels, train_pixels)
-    return {"pixel": (pixel_d / np.sqrt(train_pixels.shape[1]), pixel_i),
-            "feature": nearest(features, train_features)}
-
-
-@dataclass
-class MemorizationSets:
-    """The features and pixels the copy check compares: training crops (with their mirror
-    images, since training flips), held-out crops, and generated images."""
-
-    train_pixels: torch.Tensor  # (2 * N_train, D): the crops, then their mirror images
-    train_features: torch.Tensor  # (2 * N_train, F), the same order
-    heldout_pixels: torch.Tensor
-    heldout_features: torch.Tensor
-    generated_pixels: torch.Tensor
-    generated_features: torch.Tensor
-
-
-def heldout_near_copies(heldout_d: np.ndarray, percentile: float, judged: np.ndarray | None = None) -> np.ndarray:
-    """Which held-out crops would count as near-copies if they were samples: each judged against
-    the threshold the other held-out crops set (leave-one-out). A crop's own distance is among
-    those that set its threshold otherwise, so the in-sample rate is `percentile` by construction;
-    out of sample, with the few hundred held-out crops a folder has, it is about twice that (the
-    1st percentile of 96 crops lies between the smallest two, below which a new draw falls with
-    probability about 2/97), and it is this rate that a model which does not copy matches.
-    `judged`: the distances of stand-ins for the crops (crop i made blurry, say) to judge in
-    their place, each against the threshold the other crops set."""
-    judged = heldout_d if judged is None else judged
-    return np.array([judged[i] < np.percentile(np.delete(heldout_d, i), percentile) for i in range(len(heldout_d))])
-
-
-def memorization_report(sets: MemorizationSets, percentile: float = NEAR_COPY_PERCENTILE) -> dict:
-    """How close generated images come to training crops, measured against how close unseen
-    real crops come. A model that generalises puts its samples about as far from the training
-    set as held-out photos are (median ratio near 1 or above); a copying model puts some far
-    closer than any held-out photo ("near-copies": closer than the held-out crops'
-    `percentile`-th percentile), more often than held-out crops judged the same way are."""
-    report: dict = {"near_copy_percentile": percentile}
-    found, heldout_found = {}, {}
-    heldout = distances_to_train(sets.heldout_pixels, sets.heldout_features, sets.train_pixels, sets.train_features)
-    generated = distances_to_train(sets.generated_pixels, sets.generated_features, sets.train_pixels,
-                                   sets.train_features)
-    for space in ("pixel", "feature"):
-        heldout_d = heldout[space][0]
-        generated_d, generated_i = generated[space]
-        threshold = float(np.percentile(heldout_d.numpy(), percentile))
-        heldout_found[space] = heldout_near_copies(heldout_d.numpy(), percentile)
-        report[space] = {
-            "generated_median": float(generated_d.median()), "heldout_median": float(heldout_d.median()),
-            "median_ratio": float(generated_d.median() / heldout_d.median()),
-            "near_copy_threshold": threshold, "near_copy_fraction": float((generated_d < threshold).double().mean()),
-            "near_copies": int((generated_d < threshold).sum()),
-            "heldout_near_copy_fraction": float(heldout_found[space].mean()),
-        }
-        found[space] = (generated_d, generated_i, generated_d < threshold)
-    flagged = found["pixel"][2] | found["feature"][2]  # a near-copy in either space
-    report["near_copy_fraction"], report["near_copies"] = float(flagged.double().mean()), int(flagged.sum())
-    report["heldout_near_copy_fraction"] = float((heldout_found["pixel"] | heldout_found["feature"]).mean())
-    distances, indices, _ = found["pixel"]
-    report["_closest"] = [(int(g), int(indices[g])) for g in distances.argsort()[:8]]
-    return report
 
 
 def real_features_path(crops: Crops, indices: np.ndarray, identity: str, mirrored: bool) -> Path:
@@ -413,10 +330,6 @@ def species_accuracy(train_features: torch.Tensor, train_labels: np.ndarray, hel
     training crops and their mirror images) scores the held-out crops, which is the ceiling
     a perfect generator would reach, and the generated images against the species each was
     asked for: top-1 and top-5 accuracy, and per species."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     classifier = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000, random_state=seed))
     classifier.fit(train_features.numpy(), train_labels)
     known = classifier.classes_
@@ -467,8 +380,6 @@ def evaluate(model: BirdModel, crops: Crops, settings: EvalSettings, extractor: 
     features["reference"] = crops_features(settings.reference)
     species = None
     if model.conditional:  # the same mix of species as the real crops compared with
-        from .species import species_index
-
         species = [species_index(model, int(c)) for c in crops.labels[reference]]
         species = [index for index in species if index is not None]
     generated = generate_uint8(model, settings, progress, species)
@@ -476,11 +387,11 @@ def evaluate(model: BirdModel, crops: Crops, settings: EvalSettings, extractor: 
                                              "generated images")
     scores = {**kid_and_fid(features["reference"], features["generated"], seed=settings.seed),
               **precision_recall(*equal_sizes(features["reference"], features["generated"], settings.seed))}
+    measured = measurement(model, settings, feature_space)
     result = {"feature_space": feature_space, "feature_label": FEATURE_LABELS.get(feature_space, feature_space),
-              **scores, "num_real": len(reference), "num_generated": settings.num_samples,
+              **scores, "num_real": len(reference), "num_generated": measured["num_generated"],
               "reference_split": describe_split(model.data, settings.reference, len(reference)), **asdict(settings),
-              "species": "those of the real crops, in turn" if species else "none (unconditional)",
-              "guide": guide_name(model, settings),
+              "species": species_text(bool(species)), "guide": measured["guide"],
               "feature_extractor": identity, "model": model.name, "image_size": model.network_config.image_size}
     if species:
         class_ids = np.array([model.species[index][0] for index in species])
@@ -490,35 +401,14 @@ def evaluate(model: BirdModel, crops: Crops, settings: EvalSettings, extractor: 
             train_features, np.tile(crops.labels[train_indices], 2), crops_features("heldout"),
             crops.labels[heldout_indices], features["generated"], requested,
             {class_id: name for class_id, name in model.species}, settings.seed)
+    pairs = []
     if settings.memorization:
         train_features = torch.cat([crops_features("train"), crops_features("train", mirrored=True)])
-        train_images = crops.images[train_indices]
-        sets = MemorizationSets(
-            train_pixels=pixel_vectors_with_mirrors(train_images),
-            train_features=train_features,
-            heldout_pixels=pixel_vectors(crops.images[heldout_indices]),
-            heldout_features=crops_features("heldout"), generated_pixels=pixel_vectors(generated),
-            generated_features=features["generated"])
-        report = memorization_report(sets)
-        closest = report.pop("_closest")
-        count = len(train_indices)
-        report["closest_pairs"] = [
-            {"generated_index": g, "train_image_id": int(crops.image_ids[train_indices[t % count]]),
-             "mirrored": t >= count} for g, t in closest]
-        report["num_train"], report["num_heldout"] = count, len(heldout_indices)
-        result["memorization"] = report
-        pairs = [(generated[g], torch.from_numpy(sets_image(crops, train_indices, t))) for g, t in closest]
-    import torchmetrics
-
+        result["memorization"], pairs = memorization_check(crops, train_indices, heldout_indices, train_features,
+                                                           crops_features("heldout"), generated, features["generated"])
     result.update({"torch": torch.__version__, "torchmetrics": torchmetrics.__version__,
                    "wall_time_s": round(time.perf_counter() - started, 1)})
-    return Evaluation(result, pairs if settings.memorization else [])
-
-
-def sets_image(crops: Crops, train_indices: np.ndarray, index: int) -> np.ndarray:
-    """The training crop behind row `index` of MemorizationSets.train_* (mirrored in the second half)."""
-    image = crops.images[train_indices[index % len(train_indices)]]
-    return np.ascontiguousarray(image[:, ::-1]) if index >= len(train_indices) else image
+    return Evaluation(result, pairs)
 
 
 def describe_split(record: DataRecord, reference: str, count: int) -> str:
@@ -529,48 +419,25 @@ def describe_split(record: DataRecord, reference: str, count: int) -> str:
     return f"{count} {part} crops of {record.dataset} (official train/test split)"
 
 
-def stored_alike(model: BirdModel, metrics: dict) -> dict | None:
-    """The stored evaluation that measured what `metrics` measures (see EVALUATION_KEY), if any."""
-    key = evaluation_key(metrics)
-    return next((r for r in read_evaluations(model.path / METRICS_FILE) if evaluation_key(r) == key), None)
-
-
-def already_stored(model: BirdModel, alike: dict) -> EvaluationError:
-    return EvaluationError(f"{model.path / METRICS_FILE}: already holds this measurement ({short_summary(alike)});"
+def already_stored(model: BirdModel, alike: EvaluationRecord) -> EvaluationError:
+    return EvaluationError(f"{model.path / METRICS_FILE}: already holds this measurement ({alike.short()});"
                            " pass --replace to measure it again and replace it")
 
 
-def write_metrics(model: BirdModel, evaluation: Evaluation, replace: bool = False) -> dict | None:
+def write_metrics(model: BirdModel, evaluation: Evaluation, replace: bool = False) -> EvaluationRecord | None:
     """Adds one evaluation to the model folder's metrics.json, beside the others (other settings
     and feature spaces stay); one that measured the same as a stored one replaces it only with
     `replace`, else an EvaluationError says so. The closest pairs PNG follows the shown evaluation.
     Returns the evaluation it replaced, if any."""
     path = model.path / METRICS_FILE
-    records = read_evaluations(path)
-    alike = stored_alike(model, evaluation.metrics)
+    record = EvaluationRecord.from_dict(evaluation.metrics)
+    alike = stored_alike(path, record.key())
     if alike is not None and not replace:
         raise already_stored(model, alike)
-    key = evaluation_key(evaluation.metrics)
-    records = [r for r in records if evaluation_key(r) != key] + [evaluation.metrics]
-    shown = shown_evaluations(records)
-    atomic_write_text(path, json.dumps({**shown, "evaluations": records}, indent=2) + "\n")
-    if evaluation.closest_pairs and shown[evaluation.metrics["feature_space"]] is evaluation.metrics:
+    shown, replaced = add_or_replace(path, record)
+    if evaluation.closest_pairs and shown[record.feature_space] is record:
         save_pairs(evaluation.closest_pairs, model.path / MEMORIZATION_PAIRS_FILE)
-    return alike
-
-
-def save_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
-    """Each generated image (top row) above its nearest training crop (bottom row)."""
-    top = torch.stack([g for g, _ in pairs])
-    bottom = torch.stack([t for _, t in pairs])
-    grid = grid_image(torch.cat([top, bottom]), columns=len(pairs))
-    atomic_write(path, "the closest pairs", grid.save)
-
-
-def short_summary(metrics: dict) -> str:
-    precision = f" · P {metrics['precision']:.2f} / R {metrics['recall']:.2f}" if "precision" in metrics else ""
-    return (f"FD {metrics['fid']:.1f} · KID {metrics['kid_mean']:.3f}{precision} in {metrics['feature_space']} features"
-            f" ({metrics['num_generated']} images, {metrics['sampler']} {metrics['steps']})")
+    return replaced
 
 
 def summary(metrics: dict) -> str:
@@ -600,12 +467,11 @@ def run_evaluation(model: BirdModel, data_root: str | os.PathLike, settings: Eva
     loads the crops the model trained on, checks its split, then `evaluate`s. `keep_stored`:
     refuse, before any work, a measurement the model folder holds already. `estimate`: notify the
     estimated time first (the Metrics page shows it before the button instead)."""
-    from .features import choose_feature_space, load_extractor
-
     settings.validate()
     feature_space, note = choose_feature_space(features, inception_weights)
     if keep_stored and model.path is not None:
-        alike = stored_alike(model, measurement(model, settings, feature_space))
+        alike = stored_alike(model.path / METRICS_FILE, key_of(measurement(model, settings, feature_space),
+                                                              model.conditional))
         if alike is not None:
             raise already_stored(model, alike)
     if notify:
@@ -621,8 +487,6 @@ def run_evaluation(model: BirdModel, data_root: str | os.PathLike, settings: Eva
 def save_evaluation(model: BirdModel, evaluation: Evaluation, replace: bool = False) -> tuple[Path, dict | None]:
     """metrics.json, the closest pairs and the card's Quality section of a local model folder; the
     evaluation it replaced, if any (see `write_metrics`)."""
-    from .modelcard import update_card_quality
-
     replaced = write_metrics(model, evaluation, replace)
     update_card_quality(model.path)
     return model.path / METRICS_FILE, replaced

@@ -19,11 +19,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from torch.utils.flop_counter import FlopCounterMode
 from safetensors.torch import load_file, save_file
 
 from .diffusion import DiffusionConfig, NoiseSchedule
+from .metrics_file import METRICS_FILE, EvaluationRecord, MetricsFileError, read_shown
 from .guidance import GUIDE_WEIGHT, NO_GUIDE, GuidanceError, GuidanceRecord, ResolvedGuidance, resolve_guidance
 from .networks import UNet, UNetConfig, parameter_count
+from .precision import sampling_autocast
 from .records import DataRecord, DistillationRecord, RecordError, SamplingRecord, TrainingRecord
 from .samplers import SAMPLERS, Denoiser
 from .utils import atomic_write, atomic_write_text, check_field_types
@@ -31,7 +34,6 @@ from .utils import atomic_write, atomic_write_text, check_field_types
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
-METRICS_FILE = "metrics.json"
 FORMAT = "birdgen-model"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -85,7 +87,7 @@ class BirdModel:
     @property
     def class_word(self) -> str:
         """What its classes are called on pages and in messages: CUB's are species, a folder's classes."""
-        return "species" if self.data is None or self.data.is_cub else "class"
+        return self.data.kind.class_word if self.data is not None else "species"
 
     def resolve_guidance(self, species_weight: float | None = None, guide_weight: float | None = None,
                          interval: tuple[int, int] | None = None) -> ResolvedGuidance:
@@ -105,15 +107,11 @@ class BirdModel:
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         """What sampling runs in on this model's device (see `birdgen.precision`)."""
-        from .precision import sampling_autocast
-
         return sampling_autocast(self.device)
 
     @cached_property
     def flops_per_image(self) -> int:
         """Floating-point operations of one forward pass for one image (torch's flop counter)."""
-        from torch.utils.flop_counter import FlopCounterMode
-
         size, channels = self.network_config.image_size, self.network_config.in_channels
         x = torch.zeros(1, channels, size, size, device=self.device)
         t = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -121,57 +119,14 @@ class BirdModel:
             self.network(x, t) if not self.conditional else self.network(x, t, t)
         return counter.get_total_flops()
 
-    def metrics(self) -> dict[str, dict]:
-        """Stored evaluations by feature space ({"mobilenet": {...}, "inception": {...}}), or {}."""
-        return read_metrics_file(self.path / METRICS_FILE) if self.path is not None else {}
-
-
-# What makes two evaluations the same measurement: a new one with another of these is added to
-# metrics.json beside the stored ones; one with all of them equal replaces a stored one only when asked.
-EVALUATION_KEY = ("feature_space", "reference", "num_generated", "sampler", "steps", "eta", "seed", "guidance",
-                  "guide", "guide_weight", "interval")
-
-
-def evaluation_key(metrics: dict) -> tuple:
-    if metrics.get("species") == "none (unconditional)":  # its species weight took no part (older records name one)
-        metrics = {**metrics, "guidance": None}
-    if metrics.get("guide") is None:  # no guide, so its weight and interval took no part (older records lack them)
-        metrics = {**metrics, "guide_weight": None, "interval": None}
-    return tuple(json.dumps(metrics.get(name)) for name in EVALUATION_KEY)
-
-
-def read_evaluations(path: Path) -> list[dict]:
-    """Every evaluation metrics.json holds, oldest first. The file keeps them as a list under
-    "evaluations" beside the shown one of each feature space (older files hold only those)."""
-    if not path.is_file():
-        return []
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ModelError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(raw, dict):
-        raise ModelError(f"{path}: expected an object of evaluations by feature space")
-    if "fid" in raw:  # written before feature spaces were recorded: always Inception
-        return [{"feature_space": "inception", **raw}]
-    if isinstance(raw.get("evaluations"), list):
-        return [record for record in raw["evaluations"] if isinstance(record, dict)]
-    return [{"feature_space": space, **result} for space, result in raw.items() if isinstance(result, dict)]
-
-
-def shown_evaluations(records: list[dict]) -> dict[str, dict]:
-    """The evaluation the card and the pages show for each feature space: the one with the most
-    generated images (the latest among equals), so a quick look never hides a careful one."""
-    shown: dict[str, dict] = {}
-    for record in records:
-        space = record.get("feature_space", "inception")
-        if space not in shown or record.get("num_generated", 0) >= shown[space].get("num_generated", 0):
-            shown[space] = record
-    return shown
-
-
-def read_metrics_file(path: Path) -> dict[str, dict]:
-    """The shown evaluation of each feature space ({} without metrics.json)."""
-    return shown_evaluations(read_evaluations(path))
+    def metrics(self) -> dict[str, EvaluationRecord]:
+        """The shown stored evaluation of each feature space ({"mobilenet": …, "inception": …}), or {}."""
+        if self.path is None:
+            return {}
+        try:
+            return read_shown(self.path / METRICS_FILE)
+        except MetricsFileError as error:
+            raise ModelError(str(error)) from None
 
 
 def build_model(network_config: UNetConfig, diffusion_config: DiffusionConfig, device="cpu") -> BirdModel:
@@ -305,7 +260,7 @@ def resolve(path_or_hub_id: str | os.PathLike) -> Path:
     text = str(path_or_hub_id)
     if not HUB_ID.match(text):
         raise ModelError(f"{text}: no such model folder (and not a Hub id of the form owner/name)")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # the Hub client only where a Hub id is given: loading stays light
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
@@ -370,7 +325,7 @@ def push_model(folder: str | os.PathLike, repo_id: str, private: bool = False, t
     read_config(folder)
     if not (folder / WEIGHTS_FILE).is_file():
         raise ModelError(f"{folder / WEIGHTS_FILE}: missing weights file")
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # the Hub client only for an upload
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

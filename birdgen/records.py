@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .data import CropSettings, SplitSettings
+from .sources import Layout, layout_of
 from .utils import dataclass_from_dict
 
 
@@ -67,8 +69,16 @@ class DataRecord(Record):
     path: str | None = None  # where the dataset was when the model was exported (the app looks there first)
 
     @property
-    def is_cub(self) -> bool:
-        return self.layout in (None, "cub")
+    def kind(self) -> Layout:
+        return layout_of(self.layout)
+
+    @property
+    def crop_settings(self) -> CropSettings:
+        return CropSettings(self.image_size, self.crop, self.padding, self.background or CropSettings.background)
+
+    @property
+    def split_settings(self) -> SplitSettings:
+        return SplitSettings(self.split, self.seed, self.test_fraction, self.train_on)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .utils import atomic_write_text, save_grid, torch_bytes, writing
+from .images import save_grid
+from .utils import atomic_write_text, torch_bytes, writing
 
 
 class TrainingError(RuntimeError):

@@ -56,13 +56,62 @@ class Item:
     is_train: bool | None = None  # the official split, where the source has one
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What a source's layout can do. Every other module asks these questions instead of
+    comparing layout names, which are compared here only."""
+
+    name: str  # "cub", "class-folders" or "flat": as crop caches and split records store it
+    has_boxes: bool  # bounding boxes: square/bbox crops
+    has_classes: bool  # labelled pictures: conditional models, stratified splits
+    official_split: bool  # a train/test split of its own
+
+    @property
+    def class_word(self) -> str:
+        """What one class is called in messages: CUB's classes are species, a folder's are classes."""
+        return "species" if self.name == "cub" else "class"
+
+    @property
+    def classes_word(self) -> str:
+        return "species" if self.name == "cub" else "classes"
+
+    @property
+    def default_crop(self) -> str:
+        return "square" if self.has_boxes else "center"
+
+    @property
+    def default_split(self) -> str:
+        return "official" if self.official_split else "stratified" if self.has_classes else "random"
+
+    @property
+    def cache_prefix(self) -> str:
+        return "cub" if self.name == "cub" else "folder"
+
+    def describe(self, num_classes: int) -> str:
+        """The check report's first line."""
+        if self.name == "cub":
+            return "CUB-200-2011 layout (bounding boxes, official split)"
+        if self.has_classes:
+            return f"image folder with {num_classes} class folders"
+        return "image folder without classes (unconditional)"
+
+
+LAYOUTS = {layout.name: layout for layout in (Layout("cub", True, True, True), Layout("class-folders", False, True, False),
+                                              Layout("flat", False, False, False))}
+
+
+def layout_of(name: str | None) -> Layout:
+    """The layout a crop cache or split record names; records written before folders name none: CUB."""
+    return LAYOUTS[name or "cub"]
+
+
 @dataclass
 class Source:
     """What every layout gives: items, class names by id, the files it passed over, how to
     read an item, and a fingerprint that changes whenever any listed file does."""
 
     path: Path
-    layout: str  # "cub", "class-folders" or "flat"
+    layout: str  # a key of LAYOUTS
     items: list[Item]
     class_names: dict[int, str]
     ignored: list[str] = field(default_factory=list)  # files that are not pictures (by extension), by key
@@ -72,12 +121,20 @@ class Source:
         return self.path.stem if self.path.suffix.lower() == ".zip" else self.path.name
 
     @property
-    def has_boxes(self) -> bool:
-        return self.layout == "cub"
+    def kind(self) -> Layout:
+        return LAYOUTS[self.layout]
 
     @property
-    def default_crop(self) -> str:
-        return "square" if self.has_boxes else "center"
+    def has_boxes(self) -> bool:
+        return self.kind.has_boxes
+
+    @property
+    def has_classes(self) -> bool:
+        return self.kind.has_classes
+
+    @property
+    def official_split(self) -> bool:
+        return self.kind.official_split
 
     def read(self, item: Item) -> bytes:
         raise NotImplementedError

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,11 +13,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .data import cache_dir
+from .diffusion import SCHEDULES
+from .export import export_to_new_folder
 from .model_folder import CONFIG_FILE
-from .utils import atomic_write_bytes, atomic_write_text
 from .networks import PRESETS
+from .run_config import FINE_TUNE_DEFAULTS, TrainConfig, config_flags
 from .sources import open_source
-from .training_loop import FINE_TUNE_DEFAULTS, TrainConfig
+from .utils import atomic_write_bytes, atomic_write_text
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 JOB_FILE = ".app-training.json"
@@ -78,18 +80,20 @@ class TrainForm:
                 raise ValueError(f"{name} {getattr(self, name)} out of range [{low}, {high}]")
         if not LR_RANGE[0] <= self.lr <= LR_RANGE[1]:
             raise ValueError(f"learning rate {self.lr} out of range [{LR_RANGE[0]:g}, {LR_RANGE[1]:g}]")
-        if self.schedule not in ("cosine", "linear"):
+        if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}")
 
     def arguments(self) -> list[str]:
-        network = ["--init-from", str(Path(self.init_from).resolve())] if self.init_from else [
-            "--preset", self.preset, "--attention" if self.attention else "--no-attention", "--schedule", self.schedule]
-        return ["--data", str(Path(self.data).resolve()), *network, "--batch-size", str(self.batch_size),
-                "--lr", repr(self.lr), "--steps", str(self.steps), "--checkpoint-every", str(self.checkpoint_every),
-                "--sample-every", str(self.sample_every), "--max-minutes", repr(float(self.max_minutes)),
-                "--conditional" if self.conditional else "--no-conditional",
-                *(["--skip-unreadable"] if self.skip_unreadable else []),
-                "--log-every", str(APP_LOG_EVERY), "--no-progress"]
+        """`birdgen train`'s flags for this form: every setting it shows, said outright (so that the
+        fine-tune defaults fill in only what the page does not offer)."""
+        network = {"init_from": str(Path(self.init_from).resolve())} if self.init_from else {
+            "preset": self.preset, "attention": self.attention, "schedule": self.schedule}
+        values = {"data": str(Path(self.data).resolve()), **network, "batch_size": self.batch_size, "lr": self.lr,
+                  "steps": self.steps, "checkpoint_every": self.checkpoint_every, "sample_every": self.sample_every,
+                  "max_minutes": float(self.max_minutes), "conditional": self.conditional,
+                  **({"skip_unreadable": True} if self.skip_unreadable else {}), "log_every": APP_LOG_EVERY,
+                  "progress": False}
+        return config_flags(values)
 
 
 @dataclass
@@ -211,8 +215,6 @@ UPLOAD_LIMIT_MB = 200  # the largest zip the Train page takes (Streamlit's own d
 def save_upload(name: str, data: bytes) -> Path:
     """An uploaded zip, kept in the cache directory under its content hash (never extracted:
     `sources.ZipSource` reads it in place), so that the run that trains on it can read it too."""
-    from .data import cache_dir
-
     if len(data) > UPLOAD_LIMIT_MB * 2**20:
         raise ValueError(f"{name}: {len(data) / 2**20:.0f} MB, over the {UPLOAD_LIMIT_MB} MB upload limit")
     if not name.lower().endswith(".zip"):
@@ -227,20 +229,9 @@ def save_upload(name: str, data: bytes) -> Path:
 def export_to_models(run_dir: str | os.PathLike, name: str, models: Path) -> Path:
     """The Train page's Export: the run's latest EMA weights as models/NAME (a new folder only:
     a model that is there already is never replaced from the page)."""
-    from .modelcard import export_any_run
-
     if not RUN_NAME.match(name):
         raise ValueError(f"model name {name!r}: use letters, digits, '-', '_' or '.' (at most 64)")
-    target = models / name
-    if target.exists():
-        raise ValueError(f"{target} already exists: choose another name")
-    staging = models / f".exporting-{os.getpid()}"  # hidden from the pickers until it is whole
-    try:
-        export_any_run(run_dir, staging / name)
-        os.replace(staging / name, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return export_to_new_folder(run_dir, models / name)
 
 
 def run_folders() -> list[Path]:

@@ -10,13 +10,22 @@ import random
 from pathlib import Path
 
 import streamlit as st
+from streamlit.runtime.pages_manager import PagesManager
 
-from .model_folder import CONFIG_FILE, WEIGHTS_FILE, BirdModel, ModelError, load_model
+from .data import CropSettings, load_crops
+from .datacheck import check_dataset
+from .editing import EditError, load_picture
+from .features import choose_feature_space, load_extractor
 from .guidance import GUIDE_WEIGHT_RANGE, SPECIES_WEIGHT_RANGE
-from .pipeline import (DEFAULT_SAMPLING, MAX_IMAGES, GenerationQueue, GenerationRequest, QueueFull, model_sampling,
-                       planned_evaluations)
+from .metrics_file import REPORT_FID, REPORT_KID
+from .model_folder import CONFIG_FILE, WEIGHTS_FILE, BirdModel, ModelError, load_model
+from .pipeline import (DEFAULT_SAMPLING, MAX_IMAGES, GenerationQueue, GenerationRequest, QueueFull, generate,
+                       model_sampling, planned_evaluations)
+from .precision import precision_text
 from .public import LimitError, PublicLimits, public_limits
 from .samplers import SAMPLERS, run_steps
+from .sources import DatasetError, open_source
+from .species import readable, species_index, species_names
 from .utils import machine_description, resolve_device
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,8 +39,6 @@ def through_app_navigation() -> None:
     old-style multipage app until app.py has run once, so a page's URL opened first on a fresh
     server (a bookmark) would run the page file on its own, with raw file names in the sidebar.
     This hands such a run over to app.py's navigation, which then opens the same page."""
-    from streamlit.runtime.pages_manager import PagesManager
-
     if PagesManager.uses_pages_directory:
         PagesManager.uses_pages_directory = False
         st.rerun()
@@ -86,12 +93,10 @@ def model_data(model: BirdModel) -> Path:
     """Where a model's own pictures are: the folder its split record names, where it still is,
     else, for a CUB model, the default CUB folder (the shipped models' data). A model of another
     folder whose pictures are gone has none: DatasetError naming where they were."""
-    from .sources import DatasetError
-
     record = model.data
     if record is not None and record.path and Path(record.path).exists():
         return Path(record.path)
-    if record is not None and not record.is_cub:
+    if record is not None and not record.kind.has_boxes:  # a CUB model falls back to the default CUB folder
         raise DatasetError(f"{model.path.name} was trained on {record.path or record.dataset}, which is not there any"
                            " more")
     return data_root()
@@ -179,8 +184,6 @@ def ddim_steps(model: BirdModel, container, key: str, help: str | None = None) -
 def species_picker(model: BirdModel, label: str, key: str, container=st) -> int | None:
     """A searchable select box over a class-conditional model's species (or a folder's classes),
     "any species" first; returns the chosen class id, or None."""
-    from .species import readable
-
     word = model.class_word
     names = {class_id: f"{readable(name)} ({class_id})" for class_id, name in model.species}
     return container.selectbox(label, [None, *names], key=key, format_func=lambda c: f"any {word}" if c is None
@@ -230,8 +233,6 @@ def guidance_controls(model: BirdModel, key: str) -> GuidanceChoice:
 
 def with_guidance(model: BirdModel, request: GenerationRequest, choice: GuidanceChoice) -> GenerationRequest:
     """The request for `model` with the chosen species, if the model knows it, and its guide weight."""
-    from .species import species_index
-
     guide_weight = choice.guide_weight if model.guide is not None else None
     index = species_index(model, choice.class_id)
     if index is None:
@@ -242,8 +243,6 @@ def with_guidance(model: BirdModel, request: GenerationRequest, choice: Guidance
 def generation_caption(model: BirdModel, request: GenerationRequest, generation) -> str:
     """'small-attn · dpmpp · 10 steps · seed 0 · Cardinal · species guidance 3, autoguidance by …,
     w 2 · 10 evaluations of small-attn + 8 of its guide (1.27× the unguided cost)'."""
-    from .species import species_names
-
     parts = [model.name, request.sampler or model_sampling(model)[0], f"{generation.steps} steps",
              f"seed {request.seed}"]
     if request.species:
@@ -317,9 +316,6 @@ def checked_pictures(path: str):
     """The check report of the pictures at `path` (decoded once into the crop cache, as training
     will), shown as counts, advice, what cannot be used and the preview; None, with the reason
     shown, where the path holds no usable set of pictures."""
-    from .data import DatasetError
-    from .sources import open_source
-
     try:
         report = _check_report(path, open_source(path).fingerprint())
     except (DatasetError, ValueError, OSError) as error:
@@ -344,31 +340,24 @@ def checked_pictures(path: str):
 
 @st.cache_data(show_spinner="Checking the pictures (each is decoded once)…", max_entries=8)
 def _check_report(path: str, fingerprint: str):
-    from .datacheck import check_dataset
-
     return check_dataset(path, progress=False)
 
 
 def model_crops(model: BirdModel):
     """Real crops of a model's own pictures, cut as it saw them (`model_data`; its split record's
     crop settings, or the default crops)."""
-    record = model.data
-    settings = (record.crop, record.padding, record.background or "white") if record else (None, 0.1, "white")
-    return _real_crops(str(model_data(model)), model.network_config.image_size, *settings)
+    settings = model.data.crop_settings if model.data else CropSettings(model.network_config.image_size)
+    return _real_crops(str(model_data(model)), *dataclasses.astuple(settings))
 
 
 @st.cache_resource(show_spinner="Cropping the dataset…", max_entries=8)
-def _real_crops(root: str, size: int, crop: str | None, padding: float, background: str):
-    from .data import load_crops
-
-    return load_crops(root, size, crop, padding, background, progress=False)
+def _real_crops(root: str, size: int, crop: str, padding: float, background: str):
+    return load_crops(root, CropSettings(size, crop, padding, background), progress=False)
 
 
 def picture_source(model: BirdModel, key: str):
     """Where an edit starts: a generated bird, a real crop or an uploaded PNG/JPEG. Returns the
     picture as a (1, 3, size, size) model-range tensor, or None (with a message) if there is none."""
-    from .editing import EditError, load_picture
-
     size = model.network_config.image_size
     source = st.radio("Start from", ["a generated bird", "a real bird crop", "your picture"], horizontal=True,
                       key=f"{key}_source")
@@ -394,12 +383,10 @@ def picture_source(model: BirdModel, key: str):
 def real_crop(model: BirdModel, key: str):
     """A crop of the model's own pictures, picked by number: a (1, 3, size, size) model-range
     tensor, or None (with a message saying where the pictures were looked for) if there are none."""
-    from .sources import DatasetError
-
     try:
         crops = model_crops(model)
     except DatasetError as error:
-        where = " Set BIRDGEN_DATA to a CUB_200_2011 folder." if model.data is None or model.data.is_cub else ""
+        where = " Set BIRDGEN_DATA to a CUB_200_2011 folder." if model.data is None or model.data.kind.has_boxes else ""
         st.info(f"No pictures found ({error}).{where} Start from a generated bird instead.")
         return None
     index = st.number_input("Which crop", 0, len(crops) - 1, 0, key=f"{key}_crop")
@@ -408,8 +395,6 @@ def real_crop(model: BirdModel, key: str):
 
 @st.cache_data(max_entries=32, show_spinner="Generating the starting bird…")
 def _generated_picture(_model: BirdModel, seed: int, model_path: str):
-    from .pipeline import generate
-
     return generate(_model, GenerationRequest(num_images=1, seed=seed)).images.cpu()
 
 
@@ -417,8 +402,6 @@ def describe(model: BirdModel) -> str:
     trained = f" · trained on {model.training.images_seen:,} images" if model.training else ""
     if model.distillation:
         trained += f" · distilled from {model.distillation.teacher} on {model.distillation.images_seen:,} more"
-    from .precision import precision_text
-
     return (f"{model.parameter_count:,} parameters{trained} · {machine_description(model.device)} ·"
             f" {precision_text(model.autocast_dtype)}")
 
@@ -438,20 +421,16 @@ def unequal_training(first: BirdModel, second: BirdModel, tolerance: float = 0.1
 
 def stored_metrics_text(model: BirdModel) -> str:
     """The model's stored quality numbers, each with its feature space, on one line."""
-    from .evaluation import short_summary
-
     evaluations = model.metrics()
     if not evaluations:
         return "Quality: not measured yet (see the Metrics page)."
-    return " · ".join(short_summary(m) for _, m in sorted(evaluations.items()))
+    return " · ".join(m.short() for _, m in sorted(evaluations.items()))
 
 
 def metrics_rows(paths: list[Path]) -> tuple[list[dict], list[str]]:
     """One table row per (model, feature space) with every stored figure and the image counts it
     rests on, Inception rows first and the original report's row among them; and a warning per
     model folder that cannot be read."""
-    from .evaluation import REPORT_FID, REPORT_KID
-
     rows, problems = [], []
     for path in paths:
         try:
@@ -462,18 +441,17 @@ def metrics_rows(paths: list[Path]) -> tuple[list[dict], list[str]]:
         if not evaluations:
             rows.append({"model": path.name, "features": "not measured"})
         for space, m in sorted(evaluations.items()):
-            memo = m.get("memorization") or {}
-            rows.append({"model": path.name, "features": space, "FD": m["fid"], "KID": m["kid_mean"],
-                         "KID ± std": m["kid_std"], "generated": f"{m['num_generated']:,}",
-                         "real": f"{m['num_real']:,}", "precision": m.get("precision"), "recall": m.get("recall"),
+            memo, accuracy = m.memorization or {}, m.species_accuracy or {}
+            rows.append({"model": path.name, "features": space, "FD": m.fid, "KID": m.kid_mean,
+                         "KID ± std": m.kid_std, "generated": f"{m.num_generated:,}", "real": f"{m.num_real:,}",
+                         "precision": m.precision, "recall": m.recall,
                          "copy ratio (pixels)": memo.get("pixel", {}).get("median_ratio"),
                          "near-copies": memo.get("near_copy_fraction"),
                          "near-copies (held-out)": memo.get("heldout_near_copy_fraction"),
-                         "sampler": f"{m['sampler']} {m['steps']}",
-                         "guide": f"{m['guide']} w {m['guide_weight']:g}" if m.get("guide") else "none",
-                         "species top-1": (m.get("species_accuracy") or {}).get("generated_top1"),
-                         "species top-1 (real)": (m.get("species_accuracy") or {}).get("heldout_top1"),
-                         "real crops": m.get("reference_split", m.get("split"))})
+                         "sampler": f"{m.sampler} {m.steps}",
+                         "guide": f"{m.guide} w {m.guide_weight:g}" if m.guide else "none",
+                         "species top-1": accuracy.get("generated_top1"),
+                         "species top-1 (real)": accuracy.get("heldout_top1"), "real crops": m.reference_split})
     if any(row["features"] == "inception" for row in rows):
         rows.append({"model": "original report", "features": "inception", "FD": REPORT_FID, "KID": REPORT_KID,
                      "generated": "not stated", "real": "not stated", "real crops": "not stated"})
@@ -484,8 +462,7 @@ def metrics_rows(paths: list[Path]) -> tuple[list[dict], list[str]]:
 def evaluation_estimate(model: BirdModel, settings, requested: str) -> str:
     """How long the Metrics page's evaluation with `settings` will take on this machine, measured
     before it starts (`evaluation.estimate_evaluation`; the pace probe runs once per model and settings)."""
-    from .evaluation import estimate_evaluation, resolved_settings
-    from .features import choose_feature_space
+    from .evaluation import estimate_evaluation, resolved_settings  # torchmetrics and sklearn: the Metrics page only
 
     space = choose_feature_space(requested)[0]
     resolved = resolved_settings(model, settings)
@@ -496,15 +473,13 @@ def evaluation_estimate(model: BirdModel, settings, requested: str) -> str:
 
 @st.cache_resource(show_spinner="Loading the feature network…", max_entries=2)
 def _extractor(space: str):
-    from .features import load_extractor
-
     return load_extractor(space).eval()
 
 
 @st.cache_resource(show_spinner="Measuring this machine's pace…", max_entries=16)
 def _pace(_model: BirdModel, path: str, space: str, sampler: str, steps: int, guide_weight: float,
           interval: tuple[int, int] | None, guidance: float | None):
-    from .evaluation import EvalSettings, measure_pace
+    from .evaluation import EvalSettings, measure_pace  # torchmetrics and sklearn: the Metrics page only
 
     settings = EvalSettings(sampler=sampler, steps=steps, guide_weight=guide_weight, interval=interval,
                             guidance=guidance)

@@ -1,34 +1,22 @@
-"""Small shared helpers: image grids and a description of the machine."""
+"""Small shared helpers at the bottom of the package: atomic writes, the machine and device, and
+config dataclasses from JSON. It imports nothing of birdgen."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
-import math
 import os
 import platform
 import shutil
+import types
+import typing
 from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
+from safetensors import SafetensorError
 
-from .data import to_uint8
-
-
-def grid_image(images: torch.Tensor, columns: int | None = None, padding: int = 2) -> Image.Image:
-    """Model-range NCHW images (or uint8 NHWC) as one PIL grid, `columns` wide (default: square)."""
-    pixels = images if images.dtype == torch.uint8 else to_uint8(images)
-    count, height, width, _ = pixels.shape
-    columns = columns or math.ceil(math.sqrt(count))
-    rows = math.ceil(count / columns)
-    canvas = Image.new("RGB", (columns * (width + padding) + padding, rows * (height + padding) + padding), "white")
-    for index in range(count):
-        row, column = divmod(index, columns)
-        canvas.paste(Image.fromarray(pixels[index].numpy()), (padding + column * (width + padding),
-                                                               padding + row * (height + padding)))
-    return canvas
 
 
 class WriteError(RuntimeError):
@@ -40,8 +28,6 @@ class WriteError(RuntimeError):
 def writing(path: Path, what: str, temporary: Path | None = None):
     """Turns an OSError (or safetensors' error) while writing `what` to `path` into one
     WriteError line, removing the temporary file or folder first."""
-    from safetensors import SafetensorError
-
     try:
         yield
     except (OSError, SafetensorError) as error:
@@ -84,13 +70,6 @@ def torch_bytes(obj) -> bytes:
     return buffer.getvalue()
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: int | None = None) -> Path:
-    """Writes the images as one PNG grid; a single image without the grid's white frame, so that
-    it can go straight back in as a picture (e.g. to `birdgen edit`)."""
-    grid = grid_image(images, columns, padding=2 if len(images) > 1 else 0)
-    return atomic_write(path, "the image", grid.save)  # the format follows the suffix, which the temporary keeps
-
-
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as handle:
@@ -127,8 +106,6 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 def dataclass_from_dict(cls, values: dict, ignore_unknown: bool = False):
     """`cls(**values)` for a dataclass, or a ValueError naming the unknown settings (unless
     `ignore_unknown`: left out), the missing required ones, or the first of the wrong type."""
-    import dataclasses
-
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown and not ignore_unknown:
@@ -145,10 +122,6 @@ def dataclass_from_dict(cls, values: dict, ignore_unknown: bool = False):
 def check_field_types(cls, values: dict) -> None:
     """Raises ValueError naming the first field of dataclass `cls` whose value in `values` has
     the wrong type (int, float, str, bool, tuple[int, ...], optionally "| None")."""
-    import dataclasses
-    import types
-    import typing
-
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if field.name not in values:

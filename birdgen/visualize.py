@@ -10,11 +10,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from .model_folder import BirdModel
-from .data import to_uint8
+from .images import grid_image, to_uint8
 from .diffusion import NoiseSchedule
 from .pipeline import GenerationRequest, generation_steps
 from .samplers import SamplerStep, initial_noise, run_steps
-from .utils import grid_image
 
 
 def forward_frames(schedule: NoiseSchedule, x0: torch.Tensor, timesteps, seed: int = 0) -> list[Image.Image]:

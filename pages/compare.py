@@ -7,7 +7,7 @@ import streamlit as st
 from birdgen import ui
 from birdgen.pipeline import for_model, generate, planned_evaluations
 from birdgen.samplers import initial_noise
-from birdgen.utils import grid_image
+from birdgen.images import grid_image
 
 ui.through_app_navigation()
 st.title("⚖️ Compare models")

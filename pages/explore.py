@@ -6,7 +6,7 @@ from birdgen import ui
 from birdgen.editing import (MASKS, EditError, EditRequest, hole_preview, inpaint_steps, interpolation_steps,
                              make_mask, repaint_evaluations, sdedit_steps)
 from birdgen.species import species_index
-from birdgen.utils import grid_image
+from birdgen.images import grid_image
 from birdgen.visualize import enlarged, interpolation_gif, png_bytes
 
 ui.through_app_navigation()

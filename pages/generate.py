@@ -4,7 +4,7 @@ import streamlit as st
 
 from birdgen import ui
 from birdgen.pipeline import generate
-from birdgen.utils import grid_image
+from birdgen.images import grid_image
 from birdgen.visualize import png_bytes
 
 ui.through_app_navigation()

@@ -6,8 +6,9 @@ import streamlit as st
 from birdgen import ui
 from birdgen.model_folder import ModelError
 from birdgen.data import DatasetError
-from birdgen.evaluation import (MEMORIZATION_PAIRS_FILE, MIN_SAMPLES, EvalSettings, EvaluationError, resolve_sampler,
-                                run_evaluation, save_evaluation, short_summary, summary)
+from birdgen.evaluation import (MIN_SAMPLES, EvalSettings, EvaluationError, resolve_sampler, run_evaluation,
+                                save_evaluation, summary)
+from birdgen.memorization import MEMORIZATION_PAIRS_FILE
 from birdgen.features import FeatureError
 from birdgen.training_jobs import run_folders
 from birdgen.run_folder import read_metrics
@@ -92,4 +93,4 @@ if st.button("Run evaluation", type="primary", key="evaluate"):
         st.error(str(error))
         st.stop()
     st.success(f"{summary(result.metrics)} — saved to {saved}"
-               + (f", replacing the same measurement made before ({short_summary(replaced)})" if replaced else ""))
+               + (f", replacing the same measurement made before ({replaced.short()})" if replaced else ""))

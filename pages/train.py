@@ -9,7 +9,9 @@ import streamlit as st
 
 from birdgen import ui
 from birdgen.data import DatasetError
+from birdgen.diffusion import SCHEDULES
 from birdgen.networks import PRESETS
+from birdgen.sources import layout_of
 from birdgen.run_folder import read_metrics
 from birdgen.training_jobs import (FORM_LIMITS, LR_RANGE, UPLOAD_LIMIT_MB, TrainForm, current_job, export_to_models,
                                    last_job, log_tail, progress_text, run_failure, save_upload, start_training,
@@ -47,7 +49,7 @@ models = [p.name for p in ui.available_models()]
 with st.form("train"):
     columns = st.columns(3)
     run_name = columns[0].text_input("Run name", "my-birds", help="Letters, digits, '-', '_', '.'", key="train_run")
-    has_classes = report is not None and report.layout != "flat"
+    has_classes = report is not None and layout_of(report.layout).has_classes
     if st.session_state.get("train_conditional_for") != data:  # other pictures: the toggle follows their classes
         st.session_state["train_conditional_for"] = data
         st.session_state["train_conditional"] = has_classes
@@ -65,7 +67,8 @@ with st.form("train"):
                                       key="train_preset")
         columns = st.columns(3)
         attention = columns[0].toggle("Self-attention (8×8)", value=defaults.attention, key="train_attention")
-        schedule = columns[1].selectbox("Noise schedule", ["cosine", "linear"], key="train_schedule")
+        schedule = columns[1].selectbox("Noise schedule", SCHEDULES, index=SCHEDULES.index(defaults.schedule),
+                                       key="train_schedule")
     columns = st.columns(4)
     batch_size = columns[0].number_input("Batch size", *FORM_LIMITS["batch_size"], defaults.batch_size, key="train_batch")
     lr = columns[1].number_input("Learning rate", *LR_RANGE, defaults.lr, format="%.5f", key=f"train_lr_{mode}")

@@ -7,6 +7,7 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from birdgen.data import CropSettings, SplitSettings
 from birdgen.model_folder import build_model, save_model
 from birdgen.diffusion import DiffusionConfig
 from birdgen.networks import preset
@@ -148,8 +149,8 @@ def test_metrics_page_lists_models_and_evaluates_offline(models, tiny_cub, tmp_p
     assert not any(b.key == "evaluate" for b in at.button)
 
     config = json.loads((models / "small-attn" / "config.json").read_text())
-    crops = load_crops(tiny_cub, 64, progress=False)
-    config["data"] = split_record(crops, "random", 0, 0.3, "train")
+    crops = load_crops(tiny_cub, CropSettings(size=64), progress=False)
+    config["data"] = split_record(crops, SplitSettings("random", 0, 0.3, "train"))
     (models / "small-attn" / "config.json").write_text(json.dumps(config))
     at = app(PAGES / "metrics.py")
     at.selectbox(key="eval_model").set_value("small-attn")
@@ -402,8 +403,8 @@ def test_metrics_page_evaluates_students_and_species_models_with_their_own_sampl
     from birdgen.data import load_crops, split_record
 
     monkeypatch.setenv("BIRDGEN_DATA", str(tiny_cub))
-    crops = load_crops(tiny_cub, 64, progress=False)
-    record = split_record(crops, "random", 0, 0.3, "train")
+    crops = load_crops(tiny_cub, CropSettings(size=64), progress=False)
+    record = split_record(crops, SplitSettings("random", 0, 0.3, "train"))
     student = build_model(preset("small", channels=(8, 16)), DiffusionConfig(num_steps=100))
     save_model(models / "student", student.network, student.network_config, student.diffusion_config, data=record,
                sampling={"sampler": "ddim", "steps": 2})

@@ -8,6 +8,7 @@ from functools import partial
 import pytest
 from PIL import Image
 
+from birdgen.data import CropSettings, SplitSettings
 from birdgen import download as dl
 from birdgen.model_folder import build_model, save_model
 from birdgen.cli import main
@@ -134,10 +135,10 @@ def test_eval_with_mobilenet_features_runs_offline_and_writes_every_figure(tiny_
     from birdgen.data import load_crops, split_record
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    crops = load_crops(tiny_cub, size=16, progress=False)
+    crops = load_crops(tiny_cub, CropSettings(size=16), progress=False)
     model = build_model(preset("small", channels=(8, 16), image_size=16), DiffusionConfig(num_steps=50))
     save_model(tmp_path / "m", model.network, model.network_config, model.diffusion_config, card="# m\n",
-               data=split_record(crops, "random", 0, 0.3, "train"))
+               data=split_record(crops, SplitSettings("random", 0, 0.3, "train")))
     args = ["eval", "--model", str(tmp_path / "m"), "--data", str(tiny_cub), "--num-samples", "12", "--steps", "2",
             "--features", "mobilenet", "--device", "cpu"]
     assert main(args) == 0

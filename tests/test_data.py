@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from birdgen.data import DatasetError, crop_box, load_crops, random_flip, summarize
+from birdgen.data import CropSettings, DatasetError, SplitSettings, crop_box, load_crops, random_flip, summarize
 from birdgen.sources import read_metadata
 
 
 def test_reads_fixture_and_crops_to_requested_size(tiny_cub):
-    crops = load_crops(tiny_cub, size=32, progress=False)
+    crops = load_crops(tiny_cub, CropSettings(size=32), progress=False)
     assert crops.images.shape == (18, 32, 32, 3) and crops.images.dtype == np.uint8
     assert sorted(set(crops.labels.tolist())) == [1, 2, 3]
     assert crops.is_train.sum() == 12  # every third image is a test image in the fixture
@@ -31,8 +31,8 @@ def test_square_crop_keeps_bird_proportions_and_stays_inside_image():
 
 
 def test_bbox_mode_stretches_box(tiny_cub):
-    square = load_crops(tiny_cub, size=16, crop="square", progress=False)
-    bbox = load_crops(tiny_cub, size=16, crop="bbox", progress=False)
+    square = load_crops(tiny_cub, CropSettings(size=16, crop="square"), progress=False)
+    bbox = load_crops(tiny_cub, CropSettings(size=16, crop="bbox"), progress=False)
     assert square.cache_path != bbox.cache_path
     assert not np.array_equal(square.images, bbox.images)
 
@@ -42,42 +42,41 @@ def test_grayscale_and_cmyk_become_rgb(tiny_cub):
     first, second = (tiny_cub / "images" / r.path for r in meta.records[:2])
     Image.open(first).convert("L").save(first)
     Image.open(second).convert("CMYK").save(second)
-    crops = load_crops(tiny_cub, size=16, progress=False)
+    crops = load_crops(tiny_cub, CropSettings(size=16), progress=False)
     assert crops.images.shape[-1] == 3
     gray = crops.images[0].astype(int)
     assert np.abs(gray[..., 0] - gray[..., 1]).max() <= 1
 
 
 def test_cache_is_reused_and_rebuilt_when_sources_change(tiny_cub, isolated_cache, monkeypatch):
-    first = load_crops(tiny_cub, size=16, progress=False)
+    first = load_crops(tiny_cub, CropSettings(size=16), progress=False)
     assert first.cache_path.is_file() and isolated_cache in first.cache_path.parents
     with monkeypatch.context() as patch:
         patch.setattr("birdgen.data.load_crop", lambda *args: pytest.fail("decoded a photo despite the cache"))
-        again = load_crops(tiny_cub, size=16, progress=False)
+        again = load_crops(tiny_cub, CropSettings(size=16), progress=False)
     assert again.cache_path == first.cache_path and np.array_equal(again.images, first.images)
     meta = read_metadata(tiny_cub)
     image = tiny_cub / "images" / meta.records[0].path
     Image.new("RGB", (80, 60), (255, 0, 0)).save(image)
     os.utime(image, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
-    rebuilt = load_crops(tiny_cub, size=16, progress=False)
+    rebuilt = load_crops(tiny_cub, CropSettings(size=16), progress=False)
     assert rebuilt.cache_path != first.cache_path
     assert not np.array_equal(rebuilt.images[0], first.images[0])
 
 
 def test_cache_never_written_inside_dataset(tiny_cub):
     before = sorted(p.name for p in tiny_cub.rglob("*"))
-    load_crops(tiny_cub, size=16, progress=False)
+    load_crops(tiny_cub, CropSettings(size=16), progress=False)
     assert sorted(p.name for p in tiny_cub.rglob("*")) == before
 
 
 def test_random_split_is_seeded_80_20(tiny_cub):
-    crops = load_crops(tiny_cub, size=16, progress=False)
-    train = crops.split_indices("random", "train", seed=3)
-    test = crops.split_indices("random", "test", seed=3)
+    crops = load_crops(tiny_cub, CropSettings(size=16), progress=False)
+    train, test = crops.split(SplitSettings("random", seed=3))
     assert len(test) == round(18 * 0.2) and len(train) + len(test) == 18
     assert not set(train) & set(test)
-    assert np.array_equal(test, crops.split_indices("random", "test", seed=3))
-    assert not np.array_equal(test, crops.split_indices("random", "test", seed=4))
+    assert np.array_equal(test, crops.split(SplitSettings("random", seed=3))[1])
+    assert not np.array_equal(test, crops.split(SplitSettings("random", seed=4))[1])
 
 
 def test_random_flip_mirrors_about_half():
@@ -172,9 +171,9 @@ def test_corrupt_image_listed_as_unusable_or_fails_when_strict(tiny_cub):
 
 def test_empty_split_and_empty_listing(tiny_cub):
     (tiny_cub / "train_test_split.txt").write_text("".join(f"{i} 1\n" for i in range(1, 19)))
-    crops = load_crops(tiny_cub, size=16, progress=False)
+    crops = load_crops(tiny_cub, CropSettings(size=16), progress=False)
     with pytest.raises(DatasetError, match="no test images"):
-        crops.split_indices("official", "test")
+        crops.split(SplitSettings("official"), need_heldout=True)
     (tiny_cub / "images.txt").write_text("")
     with pytest.raises(DatasetError, match=r"images\.txt: lists no images"):
         read_metadata(tiny_cub)

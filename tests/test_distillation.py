@@ -9,17 +9,19 @@ from safetensors.torch import load_file
 
 from birdgen.model_folder import build_model, load_model, save_model
 from birdgen.cli import main
-from birdgen.data import load_crops, split_record
+from birdgen.data import CropSettings, SplitSettings, load_crops, split_record
 from birdgen.diffusion import DiffusionConfig, NoiseSchedule
-from birdgen.distillation import DistillConfig, ProgressiveDistillationLoss, distill, export_student
-from birdgen.modelcard import GRID_SEED, export_student_with_card
+from birdgen.distillation import ProgressiveDistillationLoss, distill
+from birdgen.export import export_student, export_student_with_card
+from birdgen.run_config import DistillConfig
+from birdgen.modelcard import GRID_SEED
 from birdgen.editing import final_steps
 from birdgen.networks import preset
 from birdgen.pipeline import GenerationRequest, generate, model_sampling
 from birdgen.records import SamplingRecord
 from birdgen.samplers import DDIMSampler, Denoiser, initial_noise, run_to_end
-from birdgen.utils import grid_image
-from birdgen.training_loop import TrainingError
+from birdgen.images import grid_image
+from birdgen.run_folder import TrainingError
 
 TINY = preset("small", image_size=16, channels=(8, 16))
 DIFFUSION = DiffusionConfig(schedule="cosine", num_steps=100, prediction="v")
@@ -28,8 +30,8 @@ DIFFUSION = DiffusionConfig(schedule="cosine", num_steps=100, prediction="v")
 def make_teacher(folder, data_root, **extra):
     torch.manual_seed(0)
     model = build_model(TINY, DIFFUSION)
-    crops = load_crops(data_root, 16, progress=False)
-    record = split_record(crops, "official", 0, 0.2, "train")
+    crops = load_crops(data_root, CropSettings(size=16), progress=False)
+    record = split_record(crops, SplitSettings("official", 0, 0.2, "train"))
     return save_model(folder, model.network, TINY, DIFFUSION, data=record, **extra)
 
 
@@ -129,7 +131,7 @@ class StopAfter:
         self.steps = steps
 
     def __call__(self):
-        from birdgen.training_loop import StopRequests
+        from birdgen.run_folder import StopRequests
 
         limit = self.steps
 

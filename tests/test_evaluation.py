@@ -9,12 +9,13 @@ import torch
 from scipy import linalg
 
 from birdgen.model_folder import build_model, load_model, save_model
-from birdgen.data import DatasetError, load_crops, split_record
+from birdgen.data import CropSettings, DatasetError, SplitSettings, load_crops, split_record
 from birdgen.diffusion import DiffusionConfig
-from birdgen.evaluation import (REPORT_FID, EvalSettings, Evaluation, EvaluationError, MemorizationSets, Pace, estimate_evaluation,
-                                evaluate, extract_features, kid_and_fid, measure_pace,
-                                heldout_near_copies, memorization_report, pixel_vectors, precision_recall, write_metrics)
-from birdgen.modelcard import update_card_quality
+from birdgen.evaluation import (EvalSettings, Evaluation, EvaluationError, Pace, estimate_evaluation, evaluate,
+                                extract_features, kid_and_fid, measure_pace, precision_recall, write_metrics)
+from birdgen.export import update_card_quality
+from birdgen.memorization import MemorizationSets, heldout_near_copies, memorization_report, pixel_vectors
+from birdgen.metrics_file import REPORT_FID
 from birdgen.networks import preset
 
 from conftest import make_cub
@@ -167,14 +168,14 @@ def test_stand_ins_for_heldout_crops_are_judged_against_the_other_crops_threshol
 
 def tiny_model(folder, crops, tiny_cub, train_on="train"):
     model = build_model(preset("small", channels=(8, 16), image_size=16), DiffusionConfig(num_steps=100))
-    record = split_record(crops, "random", 0, 0.3, train_on)
+    record = split_record(crops, SplitSettings("random", 0, 0.3, train_on))
     save_model(folder, model.network, model.network_config, model.diffusion_config, card="# m\n\n## Samples\nx\n",
                data=record)
     return load_model(folder)
 
 
 def test_evaluate_end_to_end_writes_metrics_card_and_caches_real_features(tiny_cub, tmp_path, isolated_cache):
-    crops = load_crops(tiny_cub, size=16, progress=False)
+    crops = load_crops(tiny_cub, CropSettings(size=16), progress=False)
     model = tiny_model(tmp_path / "m", crops, tiny_cub)
     seen = []
     settings = EvalSettings(num_samples=12, steps=3, batch_size=5)
@@ -182,7 +183,7 @@ def test_evaluate_end_to_end_writes_metrics_card_and_caches_real_features(tiny_c
         evaluation = evaluate(model, crops, settings, ColourStatistics(), "colour-stats", "test-space",
                               progress=lambda stage, done, total: seen.append((stage, done, total)))
     metrics = evaluation.metrics
-    heldout = crops.split_indices("random", "test", 0, 0.3)
+    heldout = crops.split(SplitSettings("random", 0, 0.3))[1]
     assert metrics["num_real"] == len(heldout) == 5 and metrics["num_generated"] == 12
     assert metrics["fid"] > 0 and metrics["kid_subset_size"] == 5 and 0 <= metrics["precision"] <= 1
     assert "5 held-out crops of CUB_200_2011 (random split, seed 0, 30% held out)" == metrics["reference_split"]
@@ -213,7 +214,7 @@ def test_evaluate_end_to_end_writes_metrics_card_and_caches_real_features(tiny_c
 def test_estimate_counts_the_network_work_and_the_uncached_real_crops(tiny_cub, tmp_path, isolated_cache):
     from birdgen.pipeline import GenerationRequest, planned_flops
 
-    crops = load_crops(tiny_cub, size=16, progress=False)
+    crops = load_crops(tiny_cub, CropSettings(size=16), progress=False)
     model = tiny_model(tmp_path / "m", crops, tiny_cub)
     settings = EvalSettings(num_samples=12, steps=3, batch_size=5)
     pace = Pace(flops_per_s=1e6, features_per_s=4.0)
@@ -235,7 +236,7 @@ def test_estimate_counts_the_network_work_and_the_uncached_real_crops(tiny_cub, 
 
 
 def test_card_shows_the_report_beside_inception_and_how_few_real_images_fid_rests_on(tiny_cub, tmp_path):
-    crops = load_crops(tiny_cub, size=16, progress=False)
+    crops = load_crops(tiny_cub, CropSettings(size=16), progress=False)
     model = tiny_model(tmp_path / "m", crops, tiny_cub)
     with pytest.warns(UserWarning):
         evaluation = evaluate(model, crops, EvalSettings(num_samples=12, steps=3, batch_size=5, memorization=False),
@@ -248,7 +249,7 @@ def test_card_shows_the_report_beside_inception_and_how_few_real_images_fid_rest
 
 
 def test_evaluation_refuses_what_it_cannot_measure_honestly(tiny_cub, tmp_path):
-    crops = load_crops(tiny_cub, size=16, progress=False)
+    crops = load_crops(tiny_cub, CropSettings(size=16), progress=False)
     settings = EvalSettings(num_samples=12, steps=2)
     unrecorded = build_model(preset("small", channels=(8, 16), image_size=16), DiffusionConfig(num_steps=100))
     save_model(tmp_path / "plain", unrecorded.network, unrecorded.network_config, unrecorded.diffusion_config)
@@ -257,12 +258,12 @@ def test_evaluation_refuses_what_it_cannot_measure_honestly(tiny_cub, tmp_path):
     with pytest.raises(DatasetError, match="trained on every image"):
         evaluate(tiny_model(tmp_path / "all", crops, tiny_cub, "all"), crops, settings, ColourStatistics(), "c", "s")
     model = tiny_model(tmp_path / "m", crops, tiny_cub)
-    other = load_crops(make_cub(tmp_path / "other" / "CUB_200_2011", classes=2), size=16, progress=False)
+    other = load_crops(make_cub(tmp_path / "other" / "CUB_200_2011", classes=2), CropSettings(size=16), progress=False)
     with pytest.raises(DatasetError, match="dataset of 18 images; this one has 12"):
         evaluate(model, other, settings, ColourStatistics(), "c", "s")
     shuffled = make_cub(tmp_path / "shuffled" / "CUB_200_2011", seed=5)
     (shuffled / "images.txt").write_text("\n".join(reversed((shuffled / "images.txt").read_text().split("\n")[:-1])))
-    reordered = load_crops(shuffled, size=16, progress=False)
+    reordered = load_crops(shuffled, CropSettings(size=16), progress=False)
     reordered.image_ids = reordered.image_ids + 100
     with pytest.raises(DatasetError, match="does not give the training images the model recorded"):
         evaluate(model, reordered, settings, ColourStatistics(), "c", "s")
@@ -276,7 +277,7 @@ def test_the_species_classifier_knows_real_crops_and_not_wrong_labels(real_cub):
     from birdgen.evaluation import species_accuracy
     from birdgen.features import MobileNetFeatures
 
-    crops = load_crops(real_cub, 64, progress=False)
+    crops = load_crops(real_cub, CropSettings(size=64), progress=False)
     chosen = np.isin(crops.labels, np.unique(crops.labels)[:12])  # 12 species keep the test short
     indices = np.flatnonzero(chosen)
     rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from birdgen.data import load_crops
+from birdgen.data import CropSettings, load_crops
 from birdgen.features import (INCEPTION_FILE, INCEPTION_PACKAGE, MOBILENET_FILE, FeatureError, InceptionFeatures,
                               InceptionWeightsMissing, MobileNetFeatures, choose_feature_space, find_inception_weights,
                               mobilenet_layout)
@@ -39,7 +39,7 @@ def tflite_features(images_224: torch.Tensor) -> np.ndarray:
 def test_conversion_matches_the_tflite_model_on_real_crops(real_cub):
     if not TFLITE.is_file():
         pytest.skip(f"the original TFLite file is not at {TFLITE}")
-    crops = load_crops(real_cub, 64, progress=False)
+    crops = load_crops(real_cub, CropSettings(size=64), progress=False)
     images = torch.from_numpy(crops.images[::12][:192]).permute(0, 3, 1, 2).contiguous()
     resized = F.interpolate(images.float(), size=(224, 224), mode="bilinear", align_corners=False)
     resized = resized.round().clamp(0, 255).to(torch.uint8)
@@ -139,7 +139,7 @@ def torchmetrics_inception(script_file: Path, tmp_path: Path):
 @pytest.mark.slow
 def test_inception_is_torchmetrics_standard_network_on_real_crops(real_cub, tmp_path):
     script_file = installed_inception()
-    crops = load_crops(real_cub, 64, progress=False)
+    crops = load_crops(real_cub, CropSettings(size=64), progress=False)
     images = torch.from_numpy(crops.images[::90][:24]).permute(0, 3, 1, 2).contiguous()
     ours = InceptionFeatures(script_file).eval()
     with torch.no_grad():
@@ -155,7 +155,7 @@ def test_inception_statistics_of_real_crops_stay_in_the_measured_band(real_cub):
     """Measured once (2026-12-07, 64 crops, every 45th): mean feature 0.2613, std 0.2987, mean
     norm 17.83. Feeding [0, 1] instead of the graph's (x - 128) / 128 moves the mean 4% and the
     norm 3.6%, out of these 1.5% bands."""
-    crops = load_crops(real_cub, 64, progress=False)
+    crops = load_crops(real_cub, CropSettings(size=64), progress=False)
     found = extract_features(InceptionFeatures(installed_inception()).eval(), crops.images[::45][:64])
     assert found.mean().item() == pytest.approx(0.2613, rel=0.015)
     assert found.std().item() == pytest.approx(0.2987, rel=0.015)

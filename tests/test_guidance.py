@@ -169,7 +169,7 @@ def test_set_guide_replaces_the_link_and_keeps_the_species_weight(pair, capsys):
 
 
 def test_export_writes_and_keeps_the_guide_link(pair, tmp_path):
-    from birdgen.modelcard import guidance_record_for_export
+    from birdgen.export import guidance_record_for_export
 
     assert guidance_record_for_export(pair / "main", None, None, None) == {
         "guide": "../guide", "guide_weight": 2.0, "species_weight": SPECIES_WEIGHT, "interval": [40, 60]}

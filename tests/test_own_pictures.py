@@ -16,7 +16,8 @@ from birdgen.diffusion import DiffusionConfig
 from birdgen.model_folder import build_model, load_model, save_model
 from birdgen.networks import UNet, preset
 from birdgen.sources import DatasetError
-from birdgen.training_loop import TrainConfig, initialise_from
+from birdgen.run_config import TrainConfig, TrainRun
+from birdgen.train import initialise_from
 
 COLOURS = {"Red_Birds": (220, 40, 30), "Blue_Birds": (30, 60, 220)}
 
@@ -48,8 +49,9 @@ def species_folder(path, classes=3):
 def test_fine_tuning_onto_other_classes_keeps_the_network_and_starts_from_its_no_class(tmp_path):
     source = load_model(species_folder(tmp_path / "three-species"))
     config = TrainConfig(init_from=str(source.path), image_size=16, noise_steps=100)
-    network = UNet(dataclasses.replace(config.network_config(), num_classes=2))
-    initialise_from(network, str(source.path), config.diffusion_config())
+    run = TrainRun.of(config)
+    network = UNet(dataclasses.replace(run.network, num_classes=2))
+    initialise_from(network, run.base)
     theirs, mine = source.network.state_dict(), network.state_dict()
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs if k != "class_embedding.weight")
     rows = mine["class_embedding.weight"]

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageCms
 
 from birdgen.cli import main
-from birdgen.data import MIN_PICTURE_SIDE, DatasetError, load_crops
+from birdgen.data import CropSettings, DatasetError, MIN_PICTURE_SIDE, SplitSettings, load_crops
 from birdgen.datacheck import check_dataset, near_duplicate_pairs
 from birdgen.sources import (MAX_PICTURE_PIXELS, PictureError, decode_picture, open_source)
 from conftest import REAL_CUB
@@ -174,7 +174,7 @@ def test_flat_folder_and_zip_read_the_same_pictures(tmp_path):
     assert from_folder.layout == from_zip.layout == "flat" and np.array_equal(from_folder.images, from_zip.images)
     assert list(from_zip.keys) == [f"p{index}.PNG" for index in range(5)]
     with pytest.raises(DatasetError, match="no official train/test split"):
-        from_zip.split_indices("official")
+        from_zip.split(SplitSettings("official"))
     assert not list(tmp_path.glob("flat/*.npz"))  # nothing extracted or cached beside the data
 
 
@@ -204,16 +204,16 @@ def test_stratified_split_holds_out_each_classes_share_and_crop_modes(tmp_path):
         (root / name).mkdir(parents=True)
         for index in range(count):
             (root / name / f"{index}.png").write_bytes(encoded(picture(index, (120, 60)), "PNG"))
-    crops = load_crops(root, size=16, progress=False)
-    test = crops.split_indices("auto", "test", 0, 0.2)
+    crops = load_crops(root, CropSettings(size=16), progress=False)
+    test = crops.split(SplitSettings("auto", 0, 0.2))[1]
     assert crops.settings.crop == "center"
     assert sorted(np.bincount(crops.labels[test]).tolist()) == [0, 2, 4]
     assert crops.upscaled.sum() == 0
-    full = load_crops(root, size=16, crop="full", progress=False)
+    full = load_crops(root, CropSettings(size=16, crop="full"), progress=False)
     assert (full.images[0, 0, 0] == 255).all() and (full.images[0, 8, 8] != 255).any()  # white bars above
     with pytest.raises(DatasetError, match="needs bounding boxes"):
-        load_crops(root, crop="square", progress=False)
-    upscaled = load_crops(root, size=128, progress=False)
+        load_crops(root, CropSettings(crop="square"), progress=False)
+    upscaled = load_crops(root, CropSettings(size=128), progress=False)
     assert upscaled.upscaled.all()
 
 
@@ -227,8 +227,8 @@ def test_near_duplicates_found_by_perceptual_hash():
 
 
 def test_cub_images_as_a_class_folder_set_give_the_cub_layouts_crops(real_cub):
-    folder = load_crops(real_cub / "images", crop="center", progress=False)
-    layout = load_crops(real_cub, crop="center", progress=False)
+    folder = load_crops(real_cub / "images", CropSettings(crop="center"), progress=False)
+    layout = load_crops(real_cub, CropSettings(crop="center"), progress=False)
     assert folder.layout == "class-folders" and len(folder) == len(layout) == 2889
     # CUB lists its files in images.txt's id order, a folder in sorted path order: per file, the
     # crops (so any batch of the same files) are identical.

@@ -6,15 +6,19 @@ import json
 import pytest
 import torch
 
+from birdgen.data import CropSettings, SplitSettings
 from birdgen.model_folder import ModelError, build_model, load_model, save_model
 from birdgen.cli import main
 from birdgen.diffusion import DiffusionConfig, NoiseSchedule
-from birdgen.modelcard import export_with_card
+from birdgen.export import export_with_card
 from birdgen.networks import UNet, preset
 from birdgen.pipeline import GenerationRequest, generate
 from birdgen.samplers import Denoiser, initial_noise, make_sampler, run_to_end
 from birdgen.species import SpeciesError, readable, resolve_species
-from birdgen.training_loop import BatchStream, TrainConfig, TrainingError, draw_batch, train
+from birdgen.loop import draw_batch
+from birdgen.run_config import TrainConfig, resolve
+from birdgen.run_folder import BatchStream, TrainingError
+from birdgen.train import train
 
 from test_training import config, weights
 
@@ -138,7 +142,7 @@ def test_conditional_training_resumes_exactly_and_starts_from_an_unconditional_m
     with pytest.raises(TrainingError, match="this run sets prediction 'v' \\(it has 'epsilon'\\)"):
         train(TrainConfig(**{**fresh.__dict__, "prediction": "v"}), tmp_path / "other")
     with pytest.raises(TrainingError, match="nothing/config.json: missing model config"):
-        TrainConfig(**{**fresh.__dict__, "init_from": str(tmp_path / "nothing")}).validate()
+        resolve({**fresh.__dict__, "init_from": str(tmp_path / "nothing")})
 
 
 def test_species_lookup_and_errors(tmp_path):
@@ -222,15 +226,15 @@ def test_species_interpolation_and_species_edits(tmp_path):
 def test_a_species_model_is_evaluated_on_the_species_of_the_real_crops(tiny_cub, tmp_path):
     from birdgen.data import load_crops, split_record
     from birdgen.evaluation import EvalSettings, evaluate
-    from birdgen.modelcard import update_card_quality
+    from birdgen.export import update_card_quality
     from birdgen.evaluation import write_metrics
     from test_evaluation import ColourStatistics
 
-    crops = load_crops(tiny_cub, size=16, progress=False)
+    crops = load_crops(tiny_cub, CropSettings(size=16), progress=False)
     model = build_model(preset("small", channels=(8, 16), image_size=16, num_classes=3), DiffusionConfig(num_steps=50))
     save_model(tmp_path / "m", model.network, model.network_config, model.diffusion_config, card="# m\n",
                species=[[c, crops.class_names[c]] for c in (1, 2, 3)],
-               data=split_record(crops, "random", 0, 0.3, "train"))
+               data=split_record(crops, SplitSettings("random", 0, 0.3, "train")))
     model = load_model(tmp_path / "m")
     with pytest.warns(UserWarning):
         evaluation = evaluate(model, crops, EvalSettings(num_samples=10, steps=2, batch_size=4, guidance=2.0),

@@ -9,9 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from birdgen.data import load_crops
+from birdgen.data import CropSettings, load_crops
 from birdgen.run_folder import Checkpoints
-from birdgen.training_loop import TrainConfig, TrainingError, train
+from birdgen.run_config import TrainConfig
+from birdgen.run_folder import TrainingError
+from birdgen.train import train
 from conftest import REPO
 
 SMALL = dict(image_size=16, channels=(8, 16), batch_size=4, log_every=2, checkpoint_every=3, sample_every=3,
@@ -41,7 +43,7 @@ def test_short_run_writes_checkpoints_grids_and_logs(tiny_cub, tmp_path):
 
 
 def test_loss_falls_on_real_data(real_cub, tmp_path):
-    crops = load_crops(real_cub, size=16, progress=False)
+    crops = load_crops(real_cub, CropSettings(size=16), progress=False)
     cfg = config(real_cub, steps=60, batch_size=16, log_every=10, checkpoint_every=60, sample_every=60,
                  lr=2e-3, noise_steps=1000, num_threads=2)
     train(cfg, tmp_path / "run", crops=crops)
@@ -108,7 +110,7 @@ def test_config_file_unknown_keys_and_overrides(tmp_path):
 
 def nan_losses(monkeypatch, when) -> None:
     """Makes the training loss NaN on the calls (counted from 1) for which when(call) is true."""
-    import birdgen.training_loop as loop
+    import birdgen.train as loop
 
     real_call = loop.DiffusionLoss.__call__
     calls = {"n": 0}
@@ -341,7 +343,7 @@ def test_learning_rate_square_root_rule():
     assert TrainConfig(lr=1e-4).effective_lr == 1e-4
     assert TrainConfig(lr=1e-4, batch_size=128, lr_reference_batch=32).effective_lr == pytest.approx(2e-4)
     with pytest.raises(TrainingError, match="lr_reference_batch must not be negative"):
-        TrainConfig(lr_reference_batch=-1).validate()
+        TrainConfig(lr_reference_batch=-1).check()
 
 
 def test_max_minutes_stops_with_a_resumable_checkpoint(tiny_cub, tmp_path):

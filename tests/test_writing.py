@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from birdgen.cli import main
-from birdgen.data import load_crops
+from birdgen.data import CropSettings, SplitSettings, load_crops
 from birdgen.diffusion import DiffusionConfig
 from birdgen.model_folder import build_model, save_model
 from birdgen.networks import preset
 from birdgen.run_folder import Checkpoints
-from birdgen.utils import WriteError, atomic_write, atomic_write_bytes, atomic_write_text, save_grid
+from birdgen.images import save_grid
+from birdgen.utils import WriteError, atomic_write, atomic_write_bytes, atomic_write_text
 from conftest import REPO
 
 FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -78,10 +79,10 @@ def test_a_full_disk_mid_training_is_one_line_and_the_last_checkpoint_resumes_ex
 def crops_and_model(tiny_cub, folder):
     from birdgen.data import split_record
 
-    crops = load_crops(tiny_cub, size=16, progress=False)
+    crops = load_crops(tiny_cub, CropSettings(size=16), progress=False)
     model = build_model(preset("small", channels=(8, 16), image_size=16), DiffusionConfig(num_steps=50))
     save_model(folder, model.network, model.network_config, model.diffusion_config, card="# m\n",
-               data=split_record(crops, "random", 0, 0.3, "train"))
+               data=split_record(crops, SplitSettings("random", 0, 0.3, "train")))
     return crops
 
 
@@ -94,7 +95,7 @@ def tiny_network():
 WRITERS = {
     "model weights (safetensors)": ("birdgen.model_folder.save_file", lambda out, data: save_model(out / "m",
                                                                                                   *tiny_network())),
-    "crop cache (numpy.savez)": ("numpy.savez", lambda out, data: load_crops(data, size=16, progress=False)),
+    "crop cache (numpy.savez)": ("numpy.savez", lambda out, data: load_crops(data, CropSettings(size=16), progress=False)),
     "image grid (Pillow)": ("PIL.Image.Image.save", lambda out, data: save_grid(torch.zeros(2, 3, 8, 8),
                                                                                   out / "grid.png")),
     "card and records (text)": ("pathlib.Path.write_text", lambda out, data: atomic_write_text(out / "README.md",
@@ -140,7 +141,7 @@ def stored_record(num_generated: int, fid: float) -> dict:
 
 
 def test_a_quick_evaluation_is_added_beside_a_careful_one_and_never_replaces_it_unasked(tiny_cub, tmp_path, capsys):
-    from birdgen.modelcard import update_card_quality
+    from birdgen.export import update_card_quality
 
     crops_and_model(tiny_cub, tmp_path / "m")
     (tmp_path / "m" / "metrics.json").write_text(json.dumps({"mobilenet": stored_record(1000, 407.6)}))

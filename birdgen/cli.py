@@ -579,7 +579,7 @@ def cmd_train(args) -> int:
 def cmd_distill(args) -> int:
     values = vars(args)
     config = DistillConfig.from_dict(given_settings(DistillConfig, values))
-    require_data(config.data, "the CUB_200_2011 folder the teacher trained on")
+    require_data(config.data, "the dataset the teacher trained on")
     latest = distill(config, values["out"], resume=values["resume"], overwrite=values["overwrite"])
     print(f"Checkpoint: {latest}")
     return 0

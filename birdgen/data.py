@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import imagehash
 import numpy as np
 import torch
 from PIL import Image
@@ -300,8 +301,6 @@ class _Decoded:
 
 
 def _decode_item(source: Source, item, settings: CropSettings, background) -> _Decoded:
-    import imagehash
-
     data = source.read(item)
     digest = hashlib.sha256(data).hexdigest()
     try:

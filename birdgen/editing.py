@@ -23,6 +23,7 @@ from .model_folder import BirdModel
 from .images import to_model_range
 from .guidance import GUIDE_WEIGHT_RANGE, SPECIES_WEIGHT_RANGE, GuidanceError, check_weight
 from .pipeline import check_student_sampler
+from .species import require_species_model
 from .samplers import DDIMSampler, Sampler, SamplerStep, initial_noise, make_sampler
 
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to 120 MB; more is refused before decoding
@@ -136,8 +137,6 @@ def interpolation_steps(model: BirdModel, seed_a: int, seed_b: int, frames: int 
     noise = interpolation_noise(model, seed_a, seed_b, frames)
     labels = None
     if species is not None:
-        from .species import require_species_model
-
         require_species_model(model)
         labels = species_weights(model, *species, frames)
     check_student_sampler(model, "ddim", steps)
@@ -197,8 +196,6 @@ def sdedit_steps(model: BirdModel, image: torch.Tensor, request: EditRequest) ->
     request.validate()
     labels = None
     if request.species is not None:
-        from .species import require_species_model
-
         require_species_model(model)
         labels = torch.full((request.num_images,), request.species, device=model.device)
     check_student_sampler(model, request.sampler, request.steps, request.eta)

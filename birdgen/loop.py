@@ -163,12 +163,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def preview_images(network: torch.nn.Module, schedule: NoiseSchedule, config, image_size: int,
-                   autocast_dtype: torch.dtype | None, steps: int, num_species: int = 0) -> torch.Tensor:
-    """DDIM samples from a fixed seed, for the run's samples/ grids; a species model's show one
-    species per image, guided at the default weight."""
+                   autocast_dtype: torch.dtype | None, steps: int, num_classes: int = 0) -> torch.Tensor:
+    """DDIM samples from a fixed seed, for the run's samples/ grids; a class-conditional model's show one
+    class per image, guided at the default weight."""
     device = next(network.parameters()).device
     noise, generator = initial_noise(config.sample_count, image_size, seed=1234, device=device)
-    labels = torch.arange(config.sample_count, device=device) % num_species if num_species else None
+    labels = torch.arange(config.sample_count, device=device) % num_classes if num_classes else None
     denoiser = Denoiser(network, schedule, autocast_dtype, config.channels_last, labels, SPECIES_WEIGHT)
     was_training = network.training
     network.eval()

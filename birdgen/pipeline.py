@@ -13,6 +13,8 @@ import torch
 
 from .model_folder import BirdModel
 from .guidance import GUIDE_WEIGHT_RANGE, SPECIES_WEIGHT_RANGE, ResolvedGuidance, check_weight
+from .species import require_species_model
+from .species import require_species_model
 from .samplers import Denoiser, Sampler, SamplerStep, initial_noise, make_sampler, run_steps
 
 MAX_IMAGES = 256
@@ -132,8 +134,6 @@ def generation_steps(model: BirdModel, request: GenerationRequest, noise: torch.
     sampler = make_request_sampler(model, request)
     labels = None
     if request.species:
-        from .species import require_species_model
-
         require_species_model(model)
         if not all(0 <= s < model.network_config.num_classes for s in request.species):
             raise ValueError(f"species index out of range [0, {model.network_config.num_classes})")

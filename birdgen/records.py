@@ -64,7 +64,7 @@ class DataRecord(Record):
     train_on: str  # "train" or "all"
     num_train: int
     train_ids_sha256: str
-    layout: str | None = None  # "cub", "class-folders" or "flat"; unset in records written before folders: cub
+    layout: str | None = None  # a key of sources.LAYOUTS; unset in records written before folders: CUB
     background: str | None = None  # what transparent pictures were composited onto; unset: white
     path: str | None = None  # where the dataset was when the model was exported (the app looks there first)
 

@@ -51,9 +51,9 @@ class TrainConfig:
     attention: bool | None = None  # self-attention: unset keeps the preset's, false removes it, true adds it at 8x8
     dropout: float | None = None  # dropout rate, 0-1; unset keeps the preset's
     channels: tuple[int, ...] | None = None  # feature channels per level; unset keeps the preset's
-    # Species (classifier-free guidance, Ho & Salimans 2022)
-    conditional: bool = False  # condition the network on the species label
-    label_dropout: float = 0.1  # share of labels replaced by "no species" during training
+    # Classes (CUB's species or a folder's classes; classifier-free guidance, Ho & Salimans 2022)
+    conditional: bool = False  # condition the network on the class label
+    label_dropout: float = 0.1  # share of labels replaced by "no class" during training
     class_lr_scale: float = 25.0  # the class embedding's learning rate, in multiples of lr (it starts at zero)
     init_from: str = ""  # model folder to fine-tune: its network and noise settings too; new classes start from zero
     # Diffusion (the report's Table 1: 1000 steps, cosine schedule with s = 0.008)
@@ -281,7 +281,7 @@ class DistillConfig:
     teacher: str = "models/small-attn"  # model folder: a trained model, or a student to halve further
     guide: str = ""  # guide folder that autoguides the first round's targets, or "none"; unset: the teacher's own
     guide_weight: float | None = None  # its weight w, 0-5 (1: unguided); unset: the teacher's default
-    data: str = ""  # CUB_200_2011 root; the teacher's own training crops are used (its split record)
+    data: str = ""  # the dataset the teacher trained on (CUB_200_2011 root, folder or zip); its own training crops are used
     teacher_steps: int = 32  # DDIM steps of the teacher that the first round halves
     steps_target: int = 4  # DDIM steps of the final student; teacher_steps / steps_target must be a power of 2
     round_steps: int = 1000  # optimizer steps per halving round
@@ -290,7 +290,7 @@ class DistillConfig:
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 turns clipping off
     seed: int = 0  # seeds batches, noise and timesteps
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
-    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
+    precision: str = "auto"  # "auto" (bf16 on CUDA and on CPUs with native bf16, else fp32), "fp32", "bf16", "fp16"
     channels_last: bool = True  # NHWC memory layout (faster convolutions)
     num_threads: int = 0  # CPU threads; 0 = all cores
     checkpoint_every: int = 250  # optimizer steps between resumable checkpoints

@@ -245,9 +245,9 @@ class MetricsLog:
         """The logging library for `backend`, or a one-line TrainingError saying how to get it."""
         try:
             if backend == "tensorboard":
-                import torch.utils.tensorboard as module
+                import torch.utils.tensorboard as module  # optional: loaded only by a run that logs to it
             elif backend == "wandb":
-                import wandb as module
+                import wandb as module  # optional: loaded only by a run that logs to it
             else:
                 return None
         except ImportError:

@@ -31,9 +31,9 @@ RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "sample_ev
 
 
 def parameter_groups(model: UNet, config: TrainConfig) -> list[dict]:
-    """AdamW's parameter groups. A species model's class embedding starts at zero and is only
-    touched by the species in a batch, so at the network's learning rate it stayed at a tenth of
-    the timestep embedding's size after 77k images of fine-tuning, and the species made no visible
+    """AdamW's parameter groups. A class-conditional model's class embedding starts at zero and is only
+    touched by the classes in a batch, so at the network's learning rate it stayed at a tenth of
+    the timestep embedding's size after 77k images of fine-tuning, and the classes made no visible
     difference; it learns at class_lr_scale times the rate."""
     if not model.config.num_classes:
         return [{"params": list(model.parameters())}]
@@ -116,8 +116,8 @@ def run_crops(config: TrainConfig, progress: bool = False) -> Crops:
 
 
 def training_images(config: TrainConfig, crops: Crops | None, device: torch.device, progress: bool):
-    """The training part's crops (uint8 NHWC on `device`), and for a species model their class
-    indices and the species list [[class id, name], …] in class-id order (index len(species) = none)."""
+    """The training part's crops (uint8 NHWC on `device`), and for a class-conditional model their class
+    indices and the class list [[class id, name], …] in class-id order (index len(classes) = none)."""
     crops = crops if crops is not None else run_crops(config, progress)
     if config.conditional and not crops.kind.has_classes:
         raise TrainingError(f"{config.data}: a flat folder has no classes to condition on; put each class's pictures"
@@ -126,12 +126,12 @@ def training_images(config: TrainConfig, crops: Crops | None, device: torch.devi
     images = torch.from_numpy(crops.images[indices]).to(device)  # converted to the model's range per batch
     if not config.conditional:
         return images, None, []
-    species = [[int(c), crops.class_names.get(int(c), str(c))] for c in sorted(set(crops.labels.tolist()))]
-    if len(species) < 2:
-        raise TrainingError(f"{config.data}: one class only ({species[0][1]}); a conditional model needs two or more")
-    index_of = {class_id: index for index, (class_id, _) in enumerate(species)}
+    classes = [[int(c), crops.class_names.get(int(c), str(c))] for c in sorted(set(crops.labels.tolist()))]
+    if len(classes) < 2:
+        raise TrainingError(f"{config.data}: one class only ({classes[0][1]}); a conditional model needs two or more")
+    index_of = {class_id: index for index, (class_id, _) in enumerate(classes)}
     labels = torch.tensor([index_of[int(c)] for c in crops.labels[indices]], dtype=torch.long)
-    return images, labels, species
+    return images, labels, classes
 
 
 def skip_where_not_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
@@ -185,19 +185,19 @@ def train(run: TrainRun | TrainConfig, out: str | os.PathLike, resume: bool = Fa
         dist.barrier()
     autocast_dtype = resolve_precision(config.precision, device)
     sync_free = device.type == "cuda" if config.sync_free is None else config.sync_free
-    images, labels, species = training_images(config, crops, device, world.is_main and config.progress)
-    network_config = dataclasses.replace(run.network, num_classes=len(species))
+    images, labels, classes = training_images(config, crops, device, world.is_main and config.progress)
+    network_config = dataclasses.replace(run.network, num_classes=len(classes))
     schedule = NoiseSchedule(run.diffusion)
     state = new_train_state(run, network_config, len(images), device, sync_free, autocast_dtype)
     latest = folder.checkpoints.latest() if resume else None
     if latest is not None:
         state.load(latest)
     if world.is_main:
-        announce(run, folder, state, world, device, autocast_dtype, network_config, len(images), species, latest)
+        announce(run, folder, state, world, device, autocast_dtype, network_config, len(images), classes, latest)
     trained = torch.compile(state.model) if config.compile else state.model
     if world.world_size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
-    batches = Batches(images, labels, len(species), schedule.num_steps, world)
+    batches = Batches(images, labels, len(classes), schedule.num_steps, world)
     step = TrainingStep(trained, DiffusionLoss(schedule, config.min_snr_gamma), config, world, sync_free,
                         autocast_dtype)
     loop_steps(state, folder, config, world, device, batches, step, schedule)
@@ -205,14 +205,14 @@ def train(run: TrainRun | TrainConfig, out: str | os.PathLike, resume: bool = Fa
 
 
 def announce(run: TrainRun, folder: RunFolder, state: "TrainState", world: Distributed, device: torch.device,
-             autocast_dtype: torch.dtype | None, network_config: UNetConfig, num_images: int, species: list,
+             autocast_dtype: torch.dtype | None, network_config: UNetConfig, num_images: int, classes: list,
              latest: Path | None) -> None:
     """run.json's record of the run, and its first lines on the terminal."""
     config = run.config
     machine = machine_description(device)
     folder.start(config, state.step, machine, lambda: {
         "parameters": parameter_count(state.model), "world_size": world.world_size, "train_images": num_images,
-        "species": species, **config_dict(network_config, run.diffusion)}, config.log)
+        "species": classes, **config_dict(network_config, run.diffusion)}, config.log)
     print(f"{parameter_count(state.model):,} parameters · {num_images} training images · global batch"
           f" {config.batch_size} = {world.world_size} process(es) × {config.batch_size // world.world_size}"
           f" · {machine} · {autocast_dtype or torch.float32}", flush=True)
@@ -226,7 +226,7 @@ class Batches:
 
     images: torch.Tensor
     labels: torch.Tensor | None
-    num_species: int
+    num_classes: int
     num_steps: int
     world: Distributed
 
@@ -234,7 +234,7 @@ class Batches:
         local_batch = config.batch_size // self.world.world_size
         local = slice(self.world.rank * local_batch, (self.world.rank + 1) * local_batch)
         return draw_batch(self.images, state.stream, state.generator, self.num_steps, local, config.channels_last,
-                          self.labels, config.label_dropout, self.num_species)
+                          self.labels, config.label_dropout, self.num_classes)
 
 
 @dataclasses.dataclass
@@ -281,7 +281,7 @@ def loop_steps(state: "TrainState", folder: RunFolder, config: TrainConfig, worl
             state.train_seconds += time.perf_counter() - started
             if world.is_main and state.step % config.sample_every == 0:
                 preview = preview_images(state.ema.model, schedule, config, config.image_size, step.autocast_dtype,
-                                         config.sample_steps, batches.num_species)
+                                         config.sample_steps, batches.num_classes)
                 folder.save_preview(preview, state.step)
             if state.step % config.checkpoint_every == 0:
                 if world.is_main:

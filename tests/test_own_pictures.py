@@ -3,6 +3,7 @@ classes, exported, sampled by class name and evaluated against its own held-out 
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +111,24 @@ def test_a_folder_trains_and_distils_unconditionally(tmp_path):
                  "--teacher-steps", "4", "--steps-target", "2", "--round-steps", "2", "--batch-size", "4",
                  "--no-progress"]) == 0
     assert (tmp_path / "d" / "checkpoints" / "step-0000002" / "state.pt").is_file()
+
+
+def test_a_fine_tune_reads_its_base_folders_config_once_per_start(tmp_path, monkeypatch):
+    data = class_folder(tmp_path / "my-birds", per_class=6)
+    base = save_model(tmp_path / "base", *(lambda m: (m.network, m.network_config, m.diffusion_config))(
+        build_model(preset("small", channels=(8, 16), image_size=16), DiffusionConfig(num_steps=100, prediction="v"))))
+    reads = []
+    read_text = Path.read_text
+
+    def counted(path, *args, **kwargs):
+        if Path(path).resolve() == (base / "config.json").resolve():
+            reads.append(path)
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    command = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--init-from", str(base), "--conditional",
+               "--steps", "1", "--batch-size", "2", "--sample-every", "5", "--no-progress", "--num-threads", "1"]
+    assert main(command) == 0
+    assert len(reads) == 1
+    assert main([*command, "--steps", "2", "--resume"]) == 0
+    assert len(reads) == 2

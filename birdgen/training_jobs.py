@@ -50,10 +50,10 @@ class TrainForm:
     run_name: str
     preset: str = "small"
     attention: bool = False
-    batch_size: int = 32
+    batch_size: int = TrainConfig.batch_size
     lr: float = TrainConfig.lr
     steps: int = 2000
-    schedule: str = "cosine"
+    schedule: str = TrainConfig.schedule
     checkpoint_every: int = 250
     sample_every: int = 250
     init_from: str = ""

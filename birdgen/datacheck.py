@@ -28,6 +28,9 @@ NEAR_DUPLICATE_BITS = 4  # perceptual hashes (64 bits) at most this far apart ar
 FEW_PICTURES = 1000  # below this many, fine-tuning a shipped model beats training from scratch
 PREVIEW_COUNT = 64
 FLAGGED_SHOWN = 20  # files named in the text report per list (the JSON has them all)
+# How a reader leaves unusable pictures out, where the report is read: the advice says "{skip}".
+SKIP_CHOICE = "Leave out pictures that cannot be used"  # the Train page's checkbox
+SKIP_HINTS = {"terminal": "train with --skip-unreadable", "page": f"tick '{SKIP_CHOICE}'"}
 
 
 @dataclass
@@ -49,8 +52,8 @@ class CheckReport:
     exact_duplicates: list[list[str]]  # groups of files with the same bytes
     near_duplicates: list[dict]  # {"a", "b", "distance", "cross_class", "cross_split"}
     split: dict  # {"split", "seed", "test_fraction", "train", "test"}
-    advice: list[str]
-    problems: list[str]  # why training would refuse this set; empty when it would train
+    advice: list[str]  # with "{skip}" where the reader's way to leave pictures out goes (`advice_for`)
+    problems: list[str]  # why training would refuse this set (empty when it would train); "{skip}" as in advice
     preview: str = ""
     report: str = ""
     cache: str = ""
@@ -61,7 +64,15 @@ class CheckReport:
         return not self.problems
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "trainable": self.trainable}
+        return {**asdict(self), "advice": self.advice_for("terminal"), "problems": self.problems_for("terminal"),
+                "trainable": self.trainable}
+
+    def advice_for(self, reader: str) -> list[str]:
+        """The advice in the words of where it is read: "terminal" (flags) or "page" (the Train page's choices)."""
+        return [line.replace("{skip}", SKIP_HINTS[reader]) for line in self.advice]
+
+    def problems_for(self, reader: str) -> list[str]:
+        return [line.replace("{skip}", SKIP_HINTS[reader]) for line in self.problems]
 
     def text(self) -> str:
         """The report as a person reads it in a terminal."""
@@ -92,10 +103,11 @@ class CheckReport:
         lines.append(f"  split: {split['split']} (seed {split['seed']}"
                      + (f", {split['test_fraction']:.0%} held out" if split["split"] != "official" else "")
                      + f"): {split['train']} train, {split['test']} held out")
-        lines += [f"  advice: {line}" for line in self.advice]
+        lines += [f"  advice: {line}" for line in self.advice_for("terminal")]
         lines.append(f"  preview: {self.preview}")
         lines.append(f"  report: {self.report}")
-        lines.append("  ready to train" if self.trainable else f"  training would refuse: {'; '.join(self.problems)}")
+        lines.append("  ready to train" if self.trainable else
+                     f"  training would refuse: {'; '.join(self.problems_for('terminal'))}")
         return "\n".join(lines)
 
 
@@ -148,10 +160,10 @@ def advice_for(count: int, classes: list[dict], upscaled: int, duplicates: int, 
     if upscaled > 0.1 * count:
         advice.append(f"{upscaled} crops are upscaled from smaller pictures: they will look soft")
     if duplicates:
-        advice.append(f"{duplicates} duplicate pairs: duplicates weigh double in training and, across the split,"
-                      " make held-out numbers look better than they are; remove them")
+        advice.append(f"{duplicates} duplicate pair{'s' if duplicates > 1 else ''}: duplicates weigh double in"
+                      " training and, across the split, make held-out numbers look better than they are; remove them")
     if unusable:
-        advice.append(f"{unusable} pictures cannot be used: fix or remove them, or train with --skip-unreadable")
+        advice.append(f"{unusable} pictures cannot be used: fix or remove them, or {{skip}}")
     return advice
 
 
@@ -183,8 +195,7 @@ def check_crops(crops: Crops, source: str, settings: SplitSettings = SplitSettin
     duplicate_pairs = sum(len(g) * (len(g) - 1) // 2 for g in exact) + len(near)
     problems = []
     if crops.unusable:
-        problems.append(f"{len(crops.unusable)} pictures cannot be used (train with --skip-unreadable to leave them"
-                        " out)")
+        problems.append(f"{len(crops.unusable)} pictures cannot be used ({{skip}} to leave them out)")
     report = CheckReport(
         source=source, layout=crops.layout, found=len(crops) + len(crops.unusable), decoded=len(crops),
         unusable=list(crops.unusable), ignored=list(crops.ignored), modes=dict(Counter(crops.modes.tolist())),

@@ -94,7 +94,8 @@ def update_card_section(folder: Path, heading: str, section: str) -> None:
 def update_card_quality(folder: Path) -> None:
     """Rewrites the quality section of a model card from metrics.json (appends one if missing)."""
     path = Path(folder) / CARD_FILE
-    section = quality_section(read_shown(Path(folder) / METRICS_FILE), Path(folder))
+    section = quality_section(read_shown(Path(folder) / METRICS_FILE), Path(folder),
+                              read_config(Path(folder))[2].get("data"))
     card = path.read_text() if path.is_file() else f"# {Path(folder).name}\n"
     start = next((card.index(h) for h in (QUALITY_HEADING + "\n", "## KID / FID\n") if h in card), None)
     if start is None:

@@ -10,7 +10,7 @@ from .data import Crops
 from .features import InceptionFeatures
 from .guidance import SPECIES_WEIGHT
 from .metrics_file import REPORT_FID, REPORT_KID, EvaluationRecord
-from .records import DistillationRecord
+from .records import DataRecord, DistillationRecord
 from .run_config import DistillConfig, TrainConfig, changed_settings, config_flags
 from .species import readable
 
@@ -117,7 +117,7 @@ birdgen train --out {card.run_dir} {' '.join(config_flags(changed_settings(confi
 ## Held-out denoising loss
 {card.heldout}
 
-{quality_section(card.evaluations, card.folder)}
+{quality_section(card.evaluations, card.folder, model.data)}
 
 {guidance_section(model)}{guide_purpose_section(model, card.guides) if card.guides else ''}{species_section(model)}## Samples
 DDIM, 50 steps, seed {GRID_SEED}{f", species 1, 2, 3, … in reading order, guidance {SPECIES_WEIGHT:g}" if model.conditional else ""}:
@@ -173,13 +173,21 @@ def held_out_rate(memo: dict) -> str:
     return "not measured" if rate is None else f"{rate:.1%}"
 
 
-def quality_section(evaluations: dict[str, EvaluationRecord], folder: Path) -> str:
+def eval_data(record: DataRecord | None) -> str:
+    """What `birdgen eval --data` takes for a model: its own pictures (CUB's folder for a CUB model)."""
+    if record is None or record.kind.has_boxes:
+        return record.dataset if record is not None else "CUB_200_2011"
+    return record.path or record.dataset
+
+
+def quality_section(evaluations: dict[str, EvaluationRecord], folder: Path, data: DataRecord | None) -> str:
     """The card's quality section: each stored evaluation with its feature space, and the
-    memorization check; "not measured" with the command when there is none."""
+    memorization check; "not measured" with the command (on the model's own pictures, `data`)
+    when there is none."""
     lines = [QUALITY_HEADING]
     if not evaluations:
-        lines.append("Not measured yet. Run `birdgen eval --model THIS_FOLDER --data CUB_200_2011` (standard InceptionV3"
-                     " FID and KID, offline: the network is installed with birdgen).")
+        lines.append(f"Not measured yet. Run `birdgen eval --model THIS_FOLDER --data {eval_data(data)}` (standard"
+                     " InceptionV3 FID and KID, offline: the network is installed with birdgen).")
         return "\n".join(lines) + "\n"
     lines += quality_table(evaluations) + species_lines(evaluations)
     if "mobilenet" in evaluations:
@@ -313,7 +321,7 @@ birdgen distill --out {run_dir} --teacher {config.teacher} --data {config.data} 
 birdgen export {run_dir} --to {out} --steps {steps}
 ```
 
-{quality_section(evaluations, out)}
+{quality_section(evaluations, out, student.data)}
 ## Samples
 {steps} DDIM step{'s' if steps > 1 else ''}, seed {GRID_SEED}:
 

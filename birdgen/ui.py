@@ -329,7 +329,7 @@ def checked_pictures(path: str):
     if report.unusable:
         st.warning("Cannot be used: " + "; ".join(f"{key}: {reason}" for key, reason in report.unusable[:10])
                    + (f"; … {len(report.unusable) - 10} more" if len(report.unusable) > 10 else ""))
-    st.markdown("\n".join(f"- {line}" for line in report.advice))
+    st.markdown("\n".join(f"- {line}" for line in report.advice_for("page")))
     with st.expander("The whole check report"):
         st.code(report.text(), language=None)
     if Path(report.preview).is_file():

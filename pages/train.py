@@ -9,6 +9,7 @@ import streamlit as st
 
 from birdgen import ui
 from birdgen.data import DatasetError
+from birdgen.datacheck import SKIP_CHOICE
 from birdgen.diffusion import SCHEDULES
 from birdgen.networks import PRESETS
 from birdgen.sources import layout_of
@@ -79,7 +80,7 @@ with st.form("train"):
     columns = st.columns(2)
     every = columns[0].number_input("Checkpoint and preview every (steps)", *FORM_LIMITS["checkpoint_every"],
                                     defaults.checkpoint_every, key=f"train_every_{mode}")
-    skip = columns[1].checkbox("Leave out pictures that cannot be used", value=False,
+    skip = columns[1].checkbox(SKIP_CHOICE, value=False,
                                disabled=report is None or not report.unusable, key="train_skip")
     start = st.form_submit_button("Start training", type="primary", disabled=job is not None or report is None)
 
@@ -92,8 +93,7 @@ if start:
     form.checkpoint_every = form.sample_every = int(every)
     form.skip_unreadable = skip
     if report is not None and report.unusable and not skip:
-        st.error(f"{len(report.unusable)} pictures cannot be used (listed above): fix them, or tick 'Leave out "
-                 "pictures that cannot be used'.")
+        st.error(f"{len(report.unusable)} pictures cannot be used (listed above): fix them, or tick '{SKIP_CHOICE}'.")
     else:
         try:
             job = start_training(form)

@@ -196,3 +196,10 @@ def test_real_partial_cub(real_cub, monkeypatch):
     # Birds are brighter in the middle than a random crop would be is too fragile; check
     # instead that crops are real photos: plenty of distinct colours, full dynamic range.
     assert crops.images.std() > 30 and len(np.unique(crops.images[0].reshape(-1, 3), axis=0)) > 500
+
+
+def test_one_duplicate_pair_is_one_pair():
+    from birdgen.datacheck import advice_for
+
+    assert any(line.startswith("1 duplicate pair:") for line in advice_for(50, [], 0, 1, 0))
+    assert any(line.startswith("2 duplicate pairs:") for line in advice_for(50, [], 0, 2, 0))

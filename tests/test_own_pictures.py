@@ -82,6 +82,7 @@ def test_a_folder_fine_tuned_exported_sampled_and_evaluated_end_to_end(tmp_path,
     card = (tmp_path / "models" / "mine" / "README.md").read_text()
     assert "the pictures of `my-birds` (2 class folders" in card and "fine-tuned from `base`" in card
     assert "## Class" in card and "| id | class |" in card
+    assert f"birdgen eval --model THIS_FOLDER --data {data.resolve()}`" in card  # its own pictures, not CUB's
     out = tmp_path / "red.png"
     assert main(["sample", "--model", str(tmp_path / "models" / "mine"), "--species", "Red_Birds", "--num", "2",
                  "--steps", "2", "--out", str(out)]) == 0

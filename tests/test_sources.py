@@ -135,6 +135,12 @@ def test_a_folder_with_every_kind_of_bad_file_checks_in_one_report(tmp_path, cap
     assert {"RGB", "RGBA", "CMYK", "P"} <= set(report.modes) and any(m.startswith("I") for m in report.modes)
     assert ["Birds/b0.jpg", "Birds/copy.jpg"] in report.exact_duplicates
     assert not report.trainable and "cannot be used" in report.problems[0]
+    duplicates = len(report.exact_duplicates) + len(report.near_duplicates)
+    assert any(line.startswith(f"{duplicates} duplicate pair{'s' if duplicates > 1 else ''}:")
+               for line in report.advice_for("terminal"))
+    terminal, page = report.advice_for("terminal")[-1], report.advice_for("page")[-1]
+    assert terminal.endswith("or train with --skip-unreadable") and "--" not in page
+    assert page.endswith("or tick 'Leave out pictures that cannot be used'")
     assert Path(report.preview).is_file() and json.loads(Path(report.report).read_text())["found"] == 25
     assert str(tmp_path) not in report.preview  # written to the cache, not beside the pictures
     assert main(["data", "check", str(root)]) == 1  # training would refuse

@@ -38,7 +38,7 @@ from .model_folder import BirdModel
 from .pipeline import GenerationRequest, generate, model_sampling, planned_flops
 from .records import DataRecord
 from .species import species_index
-from .utils import atomic_write
+from .utils import atomic_write, duration_text
 
 KID_SUBSET_SIZE = 1000
 PRECISION_RECALL_K = 3  # Kynkäänniemi et al. 2019
@@ -303,10 +303,6 @@ class EvaluationEstimate:
                 f" birds {duration_text(self.generation_s)}, features of the generated birds{real}"
                 f" {duration_text(self.features_s)}), from its measured pace"
                 + ("." if self.real_to_extract else "; the real crops' features are cached."))
-
-
-def duration_text(seconds: float) -> str:
-    return f"about {seconds:.0f} s" if seconds < 90 else f"about {seconds / 60:.0f} min"
 
 
 def estimate_evaluation(model: BirdModel, crops: Crops, settings: EvalSettings, identity: str, pace: Pace) -> \

@@ -141,9 +141,9 @@ def check_streak(streak: int, limit: int, step: int) -> None:
                             " learning rate or use fp32 (last checkpoint kept)")
 
 
-def log_interval(state: LoopState, folder: RunFolder, config, bar, **extra) -> None:
+def log_interval(state: LoopState, folder: RunFolder, config, bar, **extra) -> dict:
     """The log interval's metrics.jsonl line (the only point where a sync-free run waits for the
-    GPU); `extra` values go into the line too."""
+    GPU), returned; `extra` values go into the line too."""
     figures = state.tallies.read()
     check_streak(figures["worst_streak"], config.max_nonfinite, state.step)
     record = {"step": state.step, **extra, "loss": figures["loss"], "lr": state.optimizer.param_groups[0]["lr"],
@@ -154,6 +154,7 @@ def log_interval(state: LoopState, folder: RunFolder, config, bar, **extra) -> N
     if folder.log is not None:
         folder.log.write(record)
         bar.set_postfix(**extra, loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+    return record
 
 
 def peak_memory_mb(device: torch.device) -> float:

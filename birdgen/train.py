@@ -20,7 +20,7 @@ from .loop import (EMA, Distributed, check_streak, draw_batch, log_interval, pas
                    start_processes)
 from .model_folder import WEIGHTS_FILE, ModelError, config_dict, load_weights
 from .networks import UNet, UNetConfig, parameter_count
-from .run_config import BaseModel, TrainConfig, TrainRun
+from .run_config import BaseModel, TrainConfig, TrainRun, time_outlook
 from .run_folder import BatchStream, LoopState, MetricsLog, RunFolder, StopRequests, TrainingError
 from .utils import machine_description
 
@@ -266,7 +266,7 @@ def loop_steps(state: "TrainState", folder: RunFolder, config: TrainConfig, worl
     stop = StopRequests()
     bar = tqdm(total=config.steps, initial=state.step, desc="Training", unit="step",
                disable=not (world.is_main and config.progress), dynamic_ncols=True)
-    last_saved = state.step
+    last_saved, told = state.step, False
     state.model.train()
     try:
         while state.step < config.steps and not stop:
@@ -275,7 +275,11 @@ def loop_steps(state: "TrainState", folder: RunFolder, config: TrainConfig, worl
                 continue
             bar.update(1)
             if state.step % config.log_every == 0:
-                log_interval(state, folder, config, bar)
+                pace = log_interval(state, folder, config, bar)["images_per_s"]
+                if world.is_main and not told:  # the first measured pace: what this machine's time buys
+                    bar.write(time_outlook(pace, config.batch_size, config.steps, config.max_minutes,
+                                           bool(config.init_from and config.conditional)))
+                    told = True
                 if past(deadline, world, device):  # a fixed window of machine time: stop as a signal would
                     stop.request("time")
             state.train_seconds += time.perf_counter() - started

@@ -18,7 +18,7 @@ from .diffusion import SCHEDULES
 from .export import export_to_new_folder
 from .model_folder import CONFIG_FILE
 from .networks import PRESETS
-from .run_config import FINE_TUNE_DEFAULTS, TrainConfig, config_flags
+from .run_config import FINE_TUNE_DEFAULTS, TrainConfig, config_flags, time_outlook
 from .sources import open_source
 from .utils import atomic_write_bytes, atomic_write_text
 
@@ -207,6 +207,14 @@ def progress_text(records: list[dict], total_steps: int, batch_size: int, max_mi
     left = f"{left_s / 60:.0f} min" if left_s >= 90 else f"{left_s:.0f} s"
     return (f"step {latest['step']:,} of {total_steps:,} · {latest['images_per_s']:.1f} images/s · about {left} left ·"
             f" loss {latest['loss']:.4f} · {latest['images_seen']:,} images seen")
+
+
+def run_outlook(records: list[dict], form: dict) -> str:
+    """What the run's measured pace buys on this machine (`run_config.time_outlook`), for the Train page."""
+    fine_tune = bool(form.get("init_from")) and form.get("conditional", False)
+    text = time_outlook(records[-1]["images_per_s"], form["batch_size"], form["steps"], form.get("max_minutes", 0.0),
+                        fine_tune)
+    return text[0].upper() + text[1:] + "."
 
 
 UPLOAD_LIMIT_MB = 200  # the largest zip the Train page takes (Streamlit's own default upload limit)

@@ -70,6 +70,10 @@ def torch_bytes(obj) -> bytes:
     return buffer.getvalue()
 
 
+def duration_text(seconds: float) -> str:
+    return f"about {seconds:.0f} s" if seconds < 90 else f"about {seconds / 60:.0f} min"
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as handle:

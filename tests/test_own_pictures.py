@@ -69,7 +69,8 @@ def test_a_folder_fine_tuned_exported_sampled_and_evaluated_end_to_end(tmp_path,
     assert main(["train", "--data", str(data), "--out", str(run), "--init-from", str(base), "--conditional",
                  "--image-size", "16", "--steps", "4", "--batch-size", "4", "--checkpoint-every", "2",
                  "--sample-every", "4", "--sample-count", "2", "--sample-steps", "2", "--no-progress",
-                 "--num-threads", "1"]) == 0
+                 "--num-threads", "1", "--log-every", "2"]) == 0
+    assert "the 15-minute limit buys about" in capsys.readouterr().out  # this machine's pace, after the first steps
     saved = json.loads((run / "config.json").read_text())
     assert saved["prediction"] == "v" and saved["noise_steps"] == 100  # brought by --init-from
     assert saved["min_snr_gamma"] == 5.0 and saved["max_minutes"] == 15.0  # the fine-tune defaults

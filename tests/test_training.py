@@ -382,3 +382,20 @@ def test_a_full_disk_ends_training_in_one_line_and_keeps_the_last_checkpoint(tin
     monkeypatch.setattr(folder_module, "save_file", real_save)
     assert cli_main(flags[:1] + ["--out", str(run), "--resume"]) == 0
     assert (checkpoints / "step-0000004" / "state.pt").is_file()
+
+
+def test_the_time_outlook_says_what_the_measured_pace_buys():
+    from birdgen.run_config import FINE_TUNE_ACCURACY, time_outlook
+    from birdgen.training_jobs import run_outlook
+
+    text = time_outlook(16.0, 32, 3000, 15.0, fine_tune=True)  # 2 s a step
+    assert text.startswith("at 16.0 images/s here, the 15-minute limit buys about 450 of 3,000 steps")
+    (first, share), _ = FINE_TUNE_ACCURACY
+    assert f"{share:.0%} of the real pictures' class accuracy after {first:,} steps (about {first * 2 / 60:.0f} min here)" in text
+    assert time_outlook(64.0, 64, 60, 0.0, fine_tune=False) == "at 64.0 images/s here, 60 steps take about 60 s"
+    halved = time_outlook(16.0, 64, 3000, 15.0, fine_tune=True)  # the same images in half the steps
+    assert "buys about 225 of 3,000 steps" in halved and f"after {first // 2:,} steps" in halved
+    page = run_outlook([{"images_per_s": 16.0}], {"batch_size": 32, "steps": 3000, "max_minutes": 15.0,
+                                                  "init_from": "models/small-attn", "conditional": True})
+    assert page.startswith("At 16.0 images/s here") and page.endswith("(measured on 8 unseen species).")
+    assert "class accuracy" not in run_outlook([{"images_per_s": 16.0}], {"batch_size": 32, "steps": 3000})

@@ -427,10 +427,9 @@ def write_metrics(model: BirdModel, evaluation: Evaluation, replace: bool = Fals
     Returns the evaluation it replaced, if any."""
     path = model.path / METRICS_FILE
     record = EvaluationRecord.from_dict(evaluation.metrics)
-    alike = stored_alike(path, record.key())
-    if alike is not None and not replace:
-        raise already_stored(model, alike)
-    shown, replaced = add_or_replace(path, record)
+    shown, replaced = add_or_replace(path, record, replace)
+    if shown is None:
+        raise already_stored(model, replaced)
     if evaluation.closest_pairs and shown[record.feature_space] is record:
         save_pairs(evaluation.closest_pairs, model.path / MEMORIZATION_PAIRS_FILE)
     return replaced

@@ -141,12 +141,15 @@ def stored_alike(path: Path, key: tuple) -> EvaluationRecord | None:
     return next((stored for stored in read_records(path) if stored.key() == key), None)
 
 
-def add_or_replace(path: Path, record: EvaluationRecord) -> tuple[dict[str, EvaluationRecord],
-                                                                  EvaluationRecord | None]:
+def add_or_replace(path: Path, record: EvaluationRecord, replace: bool) -> tuple[dict[str, EvaluationRecord] | None,
+                                                                                EvaluationRecord | None]:
     """Writes `record` into metrics.json beside the others, in place of a stored record that
-    measured the same; returns the shown records and the one replaced, if any."""
+    measured the same, which it replaces only with `replace` (else nothing is written). Returns
+    the shown records (None where nothing was written) and the stored record alike, if any."""
     records = read_records(path)
     alike = next((stored for stored in records if stored.key() == record.key()), None)
+    if alike is not None and not replace:
+        return None, alike
     records = [stored for stored in records if stored.key() != record.key()] + [record]
     chosen = shown(records)
     atomic_write_text(path, json.dumps({**{space: r.to_dict() for space, r in chosen.items()},

@@ -23,6 +23,12 @@ REPO = Path(__file__).resolve().parent.parent
 REAL_CUB = REPO.parent / "shared" / "data" / "CUB_200_2011"
 
 
+def cpu_flags() -> str:
+    """The vector extensions of this CPU that decide training speed (a benchmark row names them)."""
+    flags = open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0].split()
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
+
+
 def machine(device="cpu") -> str:
     load = os.getloadavg()[0]
     return f"{machine_description(device)}, {torch.get_num_threads()} torch threads, load average {load:.1f} at start"

@@ -103,17 +103,22 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 def draw_batch(images: torch.Tensor, stream: BatchStream, generator: torch.Generator, num_steps: int,
                local: slice = slice(None), channels_last: bool = True, labels: torch.Tensor | None = None,
-               label_dropout: float = 0.0, null_class: int = 0):
+               label_dropout: float = 0.0, null_class: int = 0, high_noise_share: float = 0.0):
     """The next (x0, t, noise, class labels or None) for this process, drawn on `generator`'s
     device (the CPU's as before, or the GPU's, which needs no host work). The whole global batch
     is drawn on every process, then sliced, so any number of processes sees the same images,
     timesteps, noise and labels as a single one. With `labels` (a class index per image), a
     `label_dropout` share of them becomes `null_class`, which teaches the network the
-    unconditional prediction that classifier-free guidance needs."""
+    unconditional prediction that classifier-free guidance needs. A `high_noise_share` of the
+    timesteps is redrawn from the noisier half [T/2, T), where a sample's class is decided."""
     device, drawn_on = images.device, generator.device  # a CUDA generator draws without host work
     indices = stream.next()
     batch = random_flip(to_model_range(images[indices.to(device, non_blocking=True)]), generator)
     t = torch.randint(0, num_steps, (len(batch),), generator=generator, device=drawn_on)
+    if high_noise_share:  # drawn only when asked, so that a run without it draws as it always did
+        high = torch.rand(len(batch), generator=generator, device=drawn_on) < high_noise_share
+        noisier = torch.randint(num_steps // 2, num_steps, (len(batch),), generator=generator, device=drawn_on)
+        t = torch.where(high, noisier, t)
     noise = torch.randn(batch.shape, generator=generator, device=drawn_on)
     y = None
     if labels is not None:

@@ -272,5 +272,27 @@ class UNet(nn.Module):
         return h
 
 
+# What a fine-tune may hold fixed (TrainConfig.freeze): "outer", the first level (the widest
+# feature maps: stem, its down and up blocks, the output), or "convolutions", every
+# convolution, so that only the conditioning path (timestep MLP, the blocks' embedding
+# projections, the class embedding) and the norms learn, and no convolution needs a weight
+# gradient.
+FREEZABLE = ("none", "outer", "convolutions")
+
+
+def frozen_parameters(model: UNet, part: str) -> list[nn.Parameter]:
+    """The parameters that `part` (one of FREEZABLE) holds fixed."""
+    if part not in FREEZABLE:
+        raise ValueError(f"freeze {part!r}: choose one of {', '.join(FREEZABLE)}")
+    if part == "none":
+        return []
+    if part == "convolutions":
+        return [p for m in model.modules() if isinstance(m, nn.Conv2d) for p in m.parameters()]
+    c = model.config
+    per_level = c.blocks_per_level
+    outer = [model.stem, *model.down[:per_level], *model.up[-(per_level + 1):], model.out_norm, model.out]
+    return [p for module in outer for p in module.parameters()]
+
+
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -19,7 +19,7 @@ from .data import CROP_MODES, SPLITS, TRAIN_PARTS, CropSettings, SplitSettings
 from .diffusion import DiffusionConfig
 from .guidance import GUIDE_WEIGHT_RANGE, GuidanceError, check_weight
 from .model_folder import ModelError, read_config
-from .networks import UNetConfig, preset
+from .networks import FREEZABLE, UNetConfig, preset
 from .run_folder import TrainingError
 from .sources import parse_background
 from .utils import dataclass_from_dict, duration_text
@@ -59,11 +59,13 @@ class TrainConfig:
     conditional: bool = False  # condition the network on the class label
     label_dropout: float = 0.1  # share of labels replaced by "no class" during training
     class_lr_scale: float = 25.0  # the class embedding's learning rate, in multiples of lr (it starts at zero)
+    freeze: str = "none"  # what a fine-tune holds fixed: "none", "outer" (the first, widest level) or "convolutions" (all; only the conditioning path and norms learn)
     init_from: str = ""  # model folder to fine-tune: its network and noise settings too; new classes start from zero
     # Diffusion (the report's Table 1: 1000 steps, cosine schedule with s = 0.008)
     schedule: str = "cosine"  # noise schedule: "cosine" or "linear"
     noise_steps: int = 1000  # T, the number of training noise steps
     prediction: str = "epsilon"  # "epsilon" or "v"
+    high_noise_share: float = 0.0  # share of timesteps drawn from the noisier half [T/2, T) instead of all of [0, T), 0-1
     min_snr_gamma: float | None = None  # min-SNR loss weighting's gamma (Hang et al. 2023), e.g. 5; unset: plain MSE
     # Optimisation (the report's Table 1: batch 32, learning rate 3e-4)
     batch_size: int = 32  # global batch, split over all processes
@@ -111,14 +113,18 @@ class TrainConfig:
             raise TrainingError(f"ema_decay {self.ema_decay} out of range [0, 1)")
         if not self.class_lr_scale > 0:
             raise TrainingError(f"class_lr_scale must be positive (got {self.class_lr_scale})")
+        if not 0 <= self.high_noise_share <= 1:
+            raise TrainingError(f"high_noise_share {self.high_noise_share} out of range [0, 1]")
         if not 0 <= self.label_dropout <= 1:
             raise TrainingError(f"label_dropout {self.label_dropout} out of range [0, 1]")
         choices = {"lr_schedule": ("constant", "cosine"), "precision": PRECISIONS,
                    "log": ("none", "tensorboard", "wandb"), "train_on": TRAIN_PARTS, "split": SPLITS,
-                   "crop": ("auto", *CROP_MODES)}
+                   "crop": ("auto", *CROP_MODES), "freeze": FREEZABLE}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise TrainingError(f"{name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        if self.freeze != "none" and not self.init_from:
+            raise TrainingError(f"freeze {self.freeze!r} holds trained weights fixed; it needs init_from (a model folder)")
         if self.init_from and (self.channels is not None or self.attention is not None):
             raise TrainingError(f"init_from {self.init_from} brings its own network; drop channels and attention")
         try:  # each value object checks its own ranges

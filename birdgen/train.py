@@ -19,7 +19,7 @@ from .diffusion import DiffusionLoss, NoiseSchedule
 from .loop import (EMA, Distributed, check_streak, draw_batch, log_interval, past, preview_images, resolve_precision,
                    start_processes)
 from .model_folder import WEIGHTS_FILE, ModelError, config_dict, load_weights
-from .networks import UNet, UNetConfig, parameter_count
+from .networks import UNet, UNetConfig, frozen_parameters, parameter_count
 from .run_config import BaseModel, TrainConfig, TrainRun, time_outlook
 from .run_folder import BatchStream, LoopState, MetricsLog, RunFolder, StopRequests, TrainingError
 from .utils import machine_description
@@ -35,10 +35,11 @@ def parameter_groups(model: UNet, config: TrainConfig) -> list[dict]:
     touched by the classes in a batch, so at the network's learning rate it stayed at a tenth of
     the timestep embedding's size after 77k images of fine-tuning, and the classes made no visible
     difference; it learns at class_lr_scale times the rate."""
+    trained = [p for p in model.parameters() if p.requires_grad]  # a frozen part is no group's
     if not model.config.num_classes:
-        return [{"params": list(model.parameters())}]
+        return [{"params": trained}]
     embedding = model.class_embedding.weight
-    others = [p for p in model.parameters() if p is not embedding]
+    others = [p for p in trained if p is not embedding]
     return [{"params": others}, {"params": [embedding], "lr": config.effective_lr * config.class_lr_scale}]
 
 
@@ -86,6 +87,8 @@ def new_train_state(run: TrainRun, network_config: UNetConfig, num_images: int, 
     model = UNet(network_config).to(device)
     if run.base is not None:  # a resumed run then loads its checkpoint over these weights
         initialise_from(model, run.base)
+    for parameter in frozen_parameters(model, config.freeze):
+        parameter.requires_grad_(False)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, config.ema_decay)
@@ -213,7 +216,9 @@ def announce(run: TrainRun, folder: RunFolder, state: "TrainState", world: Distr
     folder.start(config, state.step, machine, lambda: {
         "parameters": parameter_count(state.model), "world_size": world.world_size, "train_images": num_images,
         "species": classes, **config_dict(network_config, run.diffusion)}, config.log)
-    print(f"{parameter_count(state.model):,} parameters · {num_images} training images · global batch"
+    learning = sum(p.numel() for p in state.model.parameters() if p.requires_grad)
+    frozen = f" ({learning:,} learn, freeze {config.freeze})" if config.freeze != "none" else ""
+    print(f"{parameter_count(state.model):,} parameters{frozen} · {num_images} training images · global batch"
           f" {config.batch_size} = {world.world_size} process(es) × {config.batch_size // world.world_size}"
           f" · {machine} · {autocast_dtype or torch.float32}", flush=True)
     if latest is not None:
@@ -234,7 +239,7 @@ class Batches:
         local_batch = config.batch_size // self.world.world_size
         local = slice(self.world.rank * local_batch, (self.world.rank + 1) * local_batch)
         return draw_batch(self.images, state.stream, state.generator, self.num_steps, local, config.channels_last,
-                          self.labels, config.label_dropout, self.num_classes)
+                          self.labels, config.label_dropout, self.num_classes, config.high_noise_share)
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ from birdgen.model_folder import ModelError, build_model, load_model, save_model
 from birdgen.cli import main
 from birdgen.diffusion import DiffusionConfig, NoiseSchedule
 from birdgen.export import export_with_card
-from birdgen.networks import UNet, preset
+from birdgen.networks import UNet, frozen_parameters, preset
 from birdgen.pipeline import GenerationRequest, generate
 from birdgen.samplers import Denoiser, initial_noise, make_sampler, run_to_end
 from birdgen.species import SpeciesError, readable, resolve_species
@@ -243,3 +243,41 @@ def test_a_species_model_is_evaluated_on_the_species_of_the_real_crops(tiny_cub,
     write_metrics(model, evaluation)
     update_card_quality(model.path)
     assert "follow the species of the real crops in turn, with guidance 2" in (model.path / "README.md").read_text()
+
+
+@pytest.mark.parametrize("part", ["outer", "convolutions"])
+def test_a_frozen_part_keeps_its_base_weights_and_the_rest_learns(tiny_cub, tmp_path, part):
+    train(config(tiny_cub, steps=2), tmp_path / "plain")
+    export_with_card(tmp_path / "plain", tmp_path / "plain-model", half=False)
+    start = dict(conditional=True, init_from=str(tmp_path / "plain-model"), channels=None, freeze=part, lr=1e-2)
+    train(config(tiny_cub, steps=3, **start), tmp_path / "frozen")
+    before = weights(tmp_path / "plain-model" / "model.safetensors")
+    after = weights(tmp_path / "frozen" / "checkpoints" / "step-0000003" / "model.safetensors")
+    network = UNet(load_model(tmp_path / "plain-model").network_config)
+    names = {id(p): name for name, p in network.named_parameters()}
+    frozen = {names[id(p)] for p in frozen_parameters(network, part)}
+    assert frozen and all(torch.equal(before[name], after[name]) for name in frozen)
+    learnt = [name for name in before if name not in frozen and not torch.equal(before[name], after[name])]
+    assert learnt
+
+
+def test_freeze_is_checked_before_a_run_starts(tiny_cub, tmp_path):
+    with pytest.raises(TrainingError, match="freeze 'all': choose one of none, outer, convolutions"):
+        TrainConfig(data=str(tiny_cub), freeze="all").check()
+    with pytest.raises(TrainingError, match="freeze 'outer' holds trained weights fixed; it needs init_from"):
+        TrainConfig(data=str(tiny_cub), freeze="outer").check()
+
+
+def test_a_high_noise_share_moves_that_share_of_timesteps_to_the_noisier_half():
+    images = torch.zeros(4000, 4, 4, 3, dtype=torch.uint8)
+
+    def timesteps(share):
+        stream = BatchStream(4000, 4000, seed=0)
+        return draw_batch(images, stream, torch.Generator().manual_seed(0), 1000, channels_last=False,
+                          high_noise_share=share)[1]
+
+    assert 0.47 < (timesteps(0.0) >= 500).float().mean() < 0.53
+    assert 0.72 < (timesteps(0.5) >= 500).float().mean() < 0.78  # half redrawn up there, plus the other half's half
+    assert bool((timesteps(1.0) >= 500).all()) and timesteps(1.0).max() < 1000
+    with pytest.raises(TrainingError, match="high_noise_share 1.5 out of range \\[0, 1\\]"):
+        TrainConfig(data="x", high_noise_share=1.5).check()

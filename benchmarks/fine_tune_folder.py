@@ -7,7 +7,7 @@ picture before/after (row 1 the shipped model, then one row per class, the same 
 
 The folder: 8 species of ../shared/data/CUB_extra_folder (60 pictures each; the stratified split
 holds out 12 of each), copied to the cache directory. Run:
-python benchmarks/fine_tune_folder.py [--run runs/ft-extra8] [--weights 3 5]"""
+python benchmarks/fine_tune_folder.py [--run runs/ft-extra8] [--weights 3 5] [--step N] [--label L]"""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from common import REAL_CUB, REPO, machine, save
+from common import REAL_CUB, REPO, cpu_flags, machine, save
 
 from birdgen.data import cache_dir
+from birdgen.run_config import TrainConfig, changed_settings, config_flags
 from birdgen.evaluation import EvalSettings, run_evaluation
 from birdgen.memorization import save_pairs
 from birdgen.model_folder import load_model
@@ -69,8 +70,13 @@ def main():
     parser.add_argument("--weights", type=float, nargs="+", default=[None],
                         help="class guidance weights to evaluate (default: the exported model's own)")
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--picture", default="docs/fine-tune-before-after.jpg")
+    parser.add_argument("--picture", default="docs/fine-tune-before-after.jpg", help="'' for none")
+    parser.add_argument("--step", type=int, help="evaluate the run's checkpoint of this step (default: the latest)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    parser.add_argument("--label", default="", help="results file suffix (default: fine_tune_folder.json)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not EXTRA.is_dir():
         sys.exit(f"needs {EXTRA}")
     data, run = subset(), REPO / args.run
@@ -81,8 +87,10 @@ def main():
         started = time.perf_counter()
         subprocess.run(command, check=True, cwd=REPO)
         print(f"trained in {time.perf_counter() - started:.0f} s")
-    model_dir = run.with_name(run.name + "-model")
-    subprocess.run([sys.executable, "-m", "birdgen", "export", str(run), "--to", str(model_dir)], check=True, cwd=REPO)
+    model_dir = run.with_name(run.name + "-model" + (f"-{args.step}" if args.step else ""))
+    step = ["--checkpoint-step", str(args.step)] if args.step else []
+    subprocess.run([sys.executable, "-m", "birdgen", "export", str(run), "--to", str(model_dir), *step], check=True,
+                   cwd=REPO)
     model = load_model(model_dir)
     rows = []
     for weight in args.weights:
@@ -101,10 +109,13 @@ def main():
                      "recall": round(m["recall"], 3)})
         print(rows[-1], flush=True)
         save_pairs(evaluation.closest_pairs, model_dir / f"closest-pairs-w{m['guidance']:g}.png")
-    same_noise_picture(args.base, model, REPO / args.picture)
+    if args.picture:
+        same_noise_picture(args.base, model, REPO / args.picture)
     info = (run / "run.json").read_text()
-    shown = " ".join(relative(part) for part in ["birdgen", *command[3:]])  # no machine's paths in the results
-    save("fine_tune_folder", {"machine": description, "species": list(SPECIES), "command": shown,
+    trained = TrainConfig(**json.loads((run / "config.json").read_text()))  # a kept run: the flags it ran with
+    shown = " ".join(relative(part) for part in ["birdgen", "train", *config_flags(changed_settings(trained))])  # no machine's paths in the results
+    save("fine_tune_folder" + (f"_{args.label}" if args.label else ""), {"machine": description,
+                              "cpu_flags": cpu_flags(), "step": model.training.steps, "species": list(SPECIES), "command": shown,
                               "training": model.training.to_dict(), "num_train": model.data.num_train,
                               "num_heldout": model.data.num_images - model.data.num_train,
                               "run_machine": json.loads(info).get("machine"), "rows": rows,

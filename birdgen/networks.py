@@ -278,6 +278,9 @@ class UNet(nn.Module):
 # projections, the class embedding) and the norms learn, and no convolution needs a weight
 # gradient.
 FREEZABLE = ("none", "outer", "convolutions")
+# How the Train page names them: what learns.
+FREEZE_LABELS = {"convolutions": "the conditioning only (convolutions frozen; fastest)",
+                 "outer": "all but the widest level", "none": "every weight"}
 
 
 def frozen_parameters(model: UNet, part: str) -> list[nn.Parameter]:

@@ -28,8 +28,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # What a fine-tune (`init_from`) starts with where the command does not say: the recipe of the
 # shipped models (v-prediction came with the folder; min-SNR-5 weighting, as they were trained),
 # a short warm-up, and a window of wall time that fits a session on 2 CPU cores.
-FINE_TUNE_DEFAULTS = {"min_snr_gamma": 5.0, "lr": 2e-4, "warmup_steps": 50, "steps": 3000, "max_minutes": 15.0,
-                      "checkpoint_every": 250, "sample_every": 500}
+FINE_TUNE_DEFAULTS = {"min_snr_gamma": 5.0, "lr": 5e-4, "freeze": "convolutions", "warmup_steps": 50, "steps": 3000,
+                      "max_minutes": 15.0, "checkpoint_every": 250, "sample_every": 500}
 # What those defaults bought, by optimizer steps of batch 32: the class-guided samples' class
 # top-1 as a share of the held-out real pictures' (the project's classifier), for 8 CUB species no
 # shipped model saw, 48 training pictures each (BENCHMARKS.md, "Fine-tuning: steps, pace and levers").
@@ -261,6 +261,14 @@ def resolve(values: dict, source: str = "config") -> TrainRun:
     if base is not None:
         values = {**FINE_TUNE_DEFAULTS, **base.settings, **values}
     return TrainRun.of(TrainConfig.from_dict(values, source), base)
+
+
+def measured_recipe(settings: dict) -> bool:
+    """Whether a run (its settings as TrainConfig names them) is a class fine-tune with the recipe
+    FINE_TUNE_ACCURACY was measured with: only then does the outlook quote those points."""
+    recipe = {key: FINE_TUNE_DEFAULTS[key] for key in ("lr", "freeze")}
+    return (bool(settings.get("init_from")) and bool(settings.get("conditional"))
+            and all(settings.get(key, value) == value for key, value in recipe.items()))
 
 
 def time_outlook(images_per_s: float, batch_size: int, steps: int, max_minutes: float, fine_tune: bool) -> str:

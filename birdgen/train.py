@@ -20,7 +20,7 @@ from .loop import (EMA, Distributed, check_streak, draw_batch, log_interval, pas
                    start_processes)
 from .model_folder import WEIGHTS_FILE, ModelError, config_dict, load_weights
 from .networks import UNet, UNetConfig, frozen_parameters, parameter_count
-from .run_config import BaseModel, TrainConfig, TrainRun, time_outlook
+from .run_config import BaseModel, TrainConfig, TrainRun, measured_recipe, time_outlook
 from .run_folder import BatchStream, LoopState, MetricsLog, RunFolder, StopRequests, TrainingError
 from .utils import machine_description
 
@@ -283,7 +283,7 @@ def loop_steps(state: "TrainState", folder: RunFolder, config: TrainConfig, worl
                 pace = log_interval(state, folder, config, bar)["images_per_s"]
                 if world.is_main and not told:  # the first measured pace: what this machine's time buys
                     bar.write(time_outlook(pace, config.batch_size, config.steps, config.max_minutes,
-                                           bool(config.init_from and config.conditional)))
+                                           measured_recipe(config.__dict__)))
                     told = True
                 if past(deadline, world, device):  # a fixed window of machine time: stop as a signal would
                     stop.request("time")

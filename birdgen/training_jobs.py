@@ -17,8 +17,8 @@ from .data import cache_dir
 from .diffusion import SCHEDULES
 from .export import export_to_new_folder
 from .model_folder import CONFIG_FILE
-from .networks import PRESETS
-from .run_config import FINE_TUNE_DEFAULTS, TrainConfig, config_flags, time_outlook
+from .networks import FREEZABLE, PRESETS
+from .run_config import FINE_TUNE_DEFAULTS, TrainConfig, config_flags, measured_recipe, time_outlook
 from .sources import open_source
 from .utils import atomic_write_bytes, atomic_write_text
 
@@ -60,11 +60,13 @@ class TrainForm:
     conditional: bool = False
     max_minutes: float = 0.0  # 0: until `steps`
     skip_unreadable: bool = False
+    freeze: str = TrainConfig.freeze  # a fine-tune's frozen part (networks.FREEZABLE)
 
     @classmethod
     def fine_tune(cls, data: str, run_name: str, init_from: str, conditional: bool) -> "TrainForm":
         """The form's defaults for a fine-tune: FINE_TUNE_DEFAULTS, as `birdgen train --init-from` has them."""
-        chosen = {k: FINE_TUNE_DEFAULTS[k] for k in ("lr", "steps", "max_minutes", "checkpoint_every", "sample_every")}
+        chosen = {k: FINE_TUNE_DEFAULTS[k] for k in ("lr", "steps", "max_minutes", "checkpoint_every", "sample_every",
+                                                     "freeze")}
         return cls(data, run_name, init_from=init_from, conditional=conditional, **chosen)
 
     def validate(self) -> None:
@@ -78,6 +80,9 @@ class TrainForm:
         for name, (low, high) in FORM_LIMITS.items():
             if not low <= getattr(self, name) <= high:
                 raise ValueError(f"{name} {getattr(self, name)} out of range [{low}, {high}]")
+        if self.freeze not in FREEZABLE or (self.freeze != "none" and not self.init_from):
+            raise ValueError(f"freeze {self.freeze!r}: a fine-tune holds one of {', '.join(FREEZABLE)} fixed; training"
+                             " from scratch holds none")
         if not LR_RANGE[0] <= self.lr <= LR_RANGE[1]:
             raise ValueError(f"learning rate {self.lr} out of range [{LR_RANGE[0]:g}, {LR_RANGE[1]:g}]")
         if self.schedule not in SCHEDULES:
@@ -86,7 +91,7 @@ class TrainForm:
     def arguments(self) -> list[str]:
         """`birdgen train`'s flags for this form: every setting it shows, said outright (so that the
         fine-tune defaults fill in only what the page does not offer)."""
-        network = {"init_from": str(Path(self.init_from).resolve())} if self.init_from else {
+        network = {"init_from": str(Path(self.init_from).resolve()), "freeze": self.freeze} if self.init_from else {
             "preset": self.preset, "attention": self.attention, "schedule": self.schedule}
         values = {"data": str(Path(self.data).resolve()), **network, "batch_size": self.batch_size, "lr": self.lr,
                   "steps": self.steps, "checkpoint_every": self.checkpoint_every, "sample_every": self.sample_every,
@@ -211,9 +216,8 @@ def progress_text(records: list[dict], total_steps: int, batch_size: int, max_mi
 
 def run_outlook(records: list[dict], form: dict) -> str:
     """What the run's measured pace buys on this machine (`run_config.time_outlook`), for the Train page."""
-    fine_tune = bool(form.get("init_from")) and form.get("conditional", False)
     text = time_outlook(records[-1]["images_per_s"], form["batch_size"], form["steps"], form.get("max_minutes", 0.0),
-                        fine_tune)
+                        measured_recipe(form))
     return text[0].upper() + text[1:] + "."
 
 

@@ -11,7 +11,7 @@ from birdgen import ui
 from birdgen.data import DatasetError
 from birdgen.datacheck import SKIP_CHOICE
 from birdgen.diffusion import SCHEDULES
-from birdgen.networks import PRESETS
+from birdgen.networks import FREEZABLE, FREEZE_LABELS, PRESETS
 from birdgen.sources import layout_of
 from birdgen.run_folder import read_metrics
 from birdgen.training_jobs import (FORM_LIMITS, LR_RANGE, UPLOAD_LIMIT_MB, TrainForm, current_job, export_to_models,
@@ -62,6 +62,8 @@ with st.form("train"):
                                           index=models.index("small-attn") if "small-attn" in models else 0,
                                           key="train_start_from")
         defaults = TrainForm.fine_tune(data, run_name, "", conditional)
+        freeze = st.selectbox("What learns", FREEZABLE, index=FREEZABLE.index(defaults.freeze),
+                              format_func=FREEZE_LABELS.get, key="train_freeze")
     else:
         start_from = None
         defaults = TrainForm(data, run_name)
@@ -88,6 +90,7 @@ with st.form("train"):
 if start:
     if mode == FINE_TUNE:
         form = TrainForm.fine_tune(data, run_name.strip(), str(ui.models_dir() / start_from), conditional)
+        form.freeze = freeze
     else:
         form = TrainForm(data, run_name.strip(), preset, attention, conditional=conditional, schedule=schedule)
     form.batch_size, form.lr, form.steps, form.max_minutes = int(batch_size), float(lr), int(steps), float(minutes)

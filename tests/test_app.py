@@ -11,9 +11,11 @@ from birdgen.data import CropSettings, SplitSettings
 from birdgen.model_folder import build_model, save_model
 from birdgen.diffusion import DiffusionConfig
 from birdgen.networks import preset
+from birdgen.run_config import FINE_TUNE_DEFAULTS
 from conftest import REPO
 
 PAGES = REPO / "pages"
+MODELS = REPO / "models"
 
 
 @pytest.fixture
@@ -210,6 +212,8 @@ def test_train_page_fine_tunes_an_uploaded_zip_stops_resumes_and_exports(models,
     assert "Kept (not extracted)" in at.caption[0].value and len(at.get("image")) == 1  # the preview
     assert at.selectbox(key="train_start_from").value == "small-attn" and at.toggle(key="train_conditional").value
     assert at.number_input(key="train_steps_Fine-tune a shipped model").value == 3000  # the fine-tune defaults
+    assert at.selectbox(key="train_freeze").value == FINE_TUNE_DEFAULTS["freeze"]
+    at.selectbox(key="train_freeze").set_value("outer")
     at.text_input(key="train_run").set_value("tiny")
     at.button[0].click().run()
     assert not at.exception and "Started training" in at.success[0].value
@@ -223,6 +227,7 @@ def test_train_page_fine_tunes_an_uploaded_zip_stops_resumes_and_exports(models,
     assert any(s.value == "Stopped." for s in at.success)
     config = json.loads((tmp_path / "runs" / "tiny" / "config.json").read_text())
     assert config["init_from"].endswith("small-attn") and config["conditional"] and config["data"].endswith(".zip")
+    assert config["freeze"] == "outer" and config["lr"] == FINE_TUNE_DEFAULTS["lr"]
     stopped_at = re.findall(r"Stopped by signal at step (\d+)", log_path.read_text())[-1]
 
     at.run()
@@ -505,6 +510,22 @@ def test_autoguidance_controls_on_generate_compare_and_explore(models):
     assert at.toggle(key="lerp_guided").value is True and at.toggle(key="fill_guided").value is True
     at.selectbox(key="explore_model").set_value("small").run()  # a model without a guide: no toggle
     assert not any(t.key == "lerp_guided" for t in at.toggle)
+
+
+def test_the_train_forms_freeze_is_checked(tmp_path):
+    from birdgen.training_jobs import TrainForm
+    from test_own_pictures import class_folder
+
+    data, shipped = str(class_folder(tmp_path / "birds")), str(MODELS / "small-attn")
+    fine_tune = TrainForm.fine_tune(data, "run", shipped, conditional=False)
+    fine_tune.validate()
+    assert fine_tune.freeze == FINE_TUNE_DEFAULTS["freeze"]
+    assert fine_tune.arguments()[fine_tune.arguments().index("--freeze") + 1] == fine_tune.freeze
+    for form, message in ((TrainForm(data, "run", freeze="outer"), "training from scratch holds none"),
+                          (TrainForm(data, "run", init_from=shipped, freeze="half"),
+                           "freeze 'half': a fine-tune holds one of none, outer, convolutions fixed")):
+        with pytest.raises(ValueError, match=message):
+            form.validate()
 
 
 def test_train_page_shows_the_line_a_run_ended_with(models, tmp_path):

@@ -398,4 +398,8 @@ def test_the_time_outlook_says_what_the_measured_pace_buys():
     page = run_outlook([{"images_per_s": 16.0}], {"batch_size": 32, "steps": 3000, "max_minutes": 15.0,
                                                   "init_from": "models/small-attn", "conditional": True})
     assert page.startswith("At 16.0 images/s here") and page.endswith("(measured on 8 unseen species).")
+    other_recipe = run_outlook([{"images_per_s": 16.0}], {"batch_size": 32, "steps": 3000, "max_minutes": 15.0,
+                                                          "init_from": "models/small-attn", "conditional": True,
+                                                          "lr": 1e-3, "freeze": "none"})
+    assert other_recipe == "At 16.0 images/s here, the 15-minute limit buys about 450 of 3,000 steps."
     assert "class accuracy" not in run_outlook([{"images_per_s": 16.0}], {"batch_size": 32, "steps": 3000})

@@ -103,7 +103,7 @@ A birdgen diffusion model that generates {config.image_size}×{config.image_size
 | network | {network_description(config)}, {model.parameter_count:,} parameters, self-attention at {', '.join(f'{r}×{r}' for r in model.network_config.attention_resolutions) or 'no resolution'} |
 | diffusion | {model.diffusion_config.schedule} schedule, {model.diffusion_config.num_steps} steps, {model.diffusion_config.prediction} prediction{f', min-SNR-{config.min_snr_gamma:g} weighting' if config.min_snr_gamma else ''} |
 | data | {run.get('train_images', '?')} training crops from `{crops.dataset}` ({model.data.split} split, part `{config.train_on}`{f', {config.test_fraction:.0%} held out' if model.data.split != 'official' else ''}{f'; {len(crops.unusable)} unusable pictures left out' if crops.unusable else ''}) |
-| training | {trained.steps:,} steps of batch {config.batch_size} = {trained.images_seen:,} images seen, AdamW lr {config.lr:g}, EMA {config.ema_decay} |
+| training | {trained.steps:,} steps of batch {config.batch_size} = {trained.images_seen:,} images seen, AdamW lr {config.lr:g}, EMA {config.ema_decay}{f', {config.freeze} frozen' if config.freeze != 'none' else ''} |
 | wall time | {trained.train_hours:.2f} h of training steps on {'; '.join([run.get('machine', 'unknown hardware'), *run.get('also_trained_on', [])])} |
 | final training loss | {final_loss:.4f} (mean of the last {min(10, len(records))} logged intervals) |
 | weights | {'EMA' if card.averaged else 'the training weights (no EMA)'}, {'float16 (loaded as float32)' if card.half else 'float32'} |

@@ -259,6 +259,9 @@ def test_a_frozen_part_keeps_its_base_weights_and_the_rest_learns(tiny_cub, tmp_
     assert frozen and all(torch.equal(before[name], after[name]) for name in frozen)
     learnt = [name for name in before if name not in frozen and not torch.equal(before[name], after[name])]
     assert learnt
+    export_with_card(tmp_path / "frozen", tmp_path / "frozen-model", half=False)
+    card = (tmp_path / "frozen-model" / "README.md").read_text()
+    assert f"{part} frozen" in card and f"--freeze {part}" in card
 
 
 def test_freeze_is_checked_before_a_run_starts(tiny_cub, tmp_path):

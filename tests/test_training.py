@@ -390,7 +390,7 @@ def test_the_time_outlook_says_what_the_measured_pace_buys():
 
     text = time_outlook(16.0, 32, 3000, 15.0, fine_tune=True)  # 2 s a step
     assert text.startswith("at 16.0 images/s here, the 15-minute limit buys about 450 of 3,000 steps")
-    (first, share), _ = FINE_TUNE_ACCURACY
+    (first, share), *_ = FINE_TUNE_ACCURACY
     assert f"{share:.0%} of the real pictures' class accuracy after {first:,} steps (about {first * 2 / 60:.0f} min here)" in text
     assert time_outlook(64.0, 64, 60, 0.0, fine_tune=False) == "at 64.0 images/s here, 60 steps take about 60 s"
     halved = time_outlook(16.0, 64, 3000, 15.0, fine_tune=True)  # the same images in half the steps

@@ -88,7 +88,8 @@ def main():
             name, steps = spec.split(":")
             rows += trial(name, sorted(int(s) for s in steps.split(",")), data, Path(tmp), args.avx2, args.raw)
     earlier = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": []}
-    runs = earlier.get("runs", [{"machine": earlier.get("machine"), "note": earlier.get("note"), "rows": earlier["rows"]}])
+    runs = earlier.get("runs") or [{"machine": earlier.get("machine"), "note": earlier.get("note"),
+                                    "rows": earlier["rows"]}]
     save("fine_tune_steps", {"runs": [*runs, {"machine": description, "cpu_flags": cpu_flags(), "rows": rows}]})
 
 

@@ -291,8 +291,7 @@ def frozen_parameters(model: UNet, part: str) -> list[nn.Parameter]:
         return []
     if part == "convolutions":
         return [p for m in model.modules() if isinstance(m, nn.Conv2d) for p in m.parameters()]
-    c = model.config
-    per_level = c.blocks_per_level
+    per_level = model.config.blocks_per_level
     outer = [model.stem, *model.down[:per_level], *model.up[-(per_level + 1):], model.out_norm, model.out]
     return [p for module in outer for p in module.parameters()]
 
